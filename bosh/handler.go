@@ -1,0 +1,177 @@
+// Package bosh is the sidecar's BOSH front (XEP-0124, XEP-0206): it answers
+// what HTTP can answer at the edge (CORS preflight, GET, size limits, bodies
+// that are not BOSH at all) and hands every real request to ejabberd's own
+// BOSH handler through a Backend, tagged with the connection and request IDs.
+package bosh
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/megaphone-im/megaphone/etf"
+	"github.com/megaphone-im/megaphone/sockets"
+	"go.uber.org/zap"
+)
+
+// Backend runs a BOSH request in ejabberd and returns its answer.
+type Backend interface {
+	ProcessBOSH(ctx context.Context, req etf.BOSHRequest) (etf.BOSHResponse, error)
+}
+
+// Config tunes the front.
+type Config struct {
+	// MaxBodyBytes refuses larger POST bodies with 413. ejabberd refuses
+	// bodies over the c2s max_stanza_size with 403 anyway; refusing them
+	// here spares it the bytes.
+	MaxBodyBytes int64
+	// MaxWait bounds how long one request may wait for ejabberd. It must
+	// exceed the longest BOSH wait ejabberd grants, or long-polls are cut.
+	MaxWait time.Duration
+	Logger  *zap.Logger
+}
+
+// Stats counts what the front has done.
+type Stats struct {
+	Requests, Forwarded, Refused, Failed, Cancelled uint64
+}
+
+// Handler serves BOSH over HTTP.
+type Handler struct {
+	cfg     Config
+	backend Backend
+	log     *zap.Logger
+	reqIDs  atomic.Uint64
+
+	requests, forwarded, refused, failed, cancelled atomic.Uint64
+}
+
+// NewHandler returns a BOSH front that forwards to backend.
+func NewHandler(cfg Config, backend Backend) *Handler {
+	if cfg.MaxBodyBytes <= 0 {
+		cfg.MaxBodyBytes = 64 << 10
+	}
+	if cfg.MaxWait <= 0 {
+		cfg.MaxWait = 330 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	return &Handler{cfg: cfg, backend: backend, log: cfg.Logger}
+}
+
+// Stats returns the front's counters.
+func (h *Handler) Stats() Stats {
+	return Stats{Requests: h.requests.Load(), Forwarded: h.forwarded.Load(), Refused: h.refused.Load(),
+		Failed: h.failed.Load(), Cancelled: h.cancelled.Load()}
+}
+
+// corsHeaders are those ejabberd's own BOSH listener sends, so browser
+// clients behave the same through the sidecar.
+func corsHeaders(w http.ResponseWriter) {
+	w.Header().Set("Access-Control-Allow-Origin", "*")
+	w.Header().Set("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+	w.Header().Set("Access-Control-Allow-Headers", "Content-Type")
+	w.Header().Set("Access-Control-Max-Age", "86400")
+}
+
+// ServeHTTP implements http.Handler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h.requests.Add(1)
+	corsHeaders(w)
+	switch r.Method {
+	case http.MethodOptions:
+		w.WriteHeader(http.StatusOK)
+	case http.MethodGet, http.MethodHead:
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		io.WriteString(w, getPage)
+	case http.MethodPost:
+		h.post(w, r)
+	default:
+		w.Header().Set("Allow", "GET, POST, OPTIONS")
+		h.refuse(w, http.StatusMethodNotAllowed, "method not allowed")
+	}
+}
+
+const getPage = `<!DOCTYPE html>
+<html><head><title>Megaphone BOSH</title></head>
+<body><h1>Megaphone</h1><p>This is an XMPP BOSH endpoint (XEP-0124, XEP-0206) served by the
+Megaphone sidecar for ejabberd. Point a BOSH client at this URL; it accepts POST.</p></body></html>
+`
+
+func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
+	conn, err := sockets.ConnFrom(r.Context())
+	if err != nil {
+		h.log.Error("BOSH request without a connection", zap.Error(err))
+		h.refuse(w, http.StatusInternalServerError, "internal error")
+		return
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.cfg.MaxBodyBytes))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			h.refuse(w, http.StatusRequestEntityTooLarge,
+				fmt.Sprintf("request body over %d bytes", h.cfg.MaxBodyBytes))
+			return
+		}
+		h.refuse(w, http.StatusBadRequest, "could not read the request body")
+		return
+	}
+	if err := checkBody(body); err != nil {
+		h.refuse(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	peer := conn.Peer
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+		peer = ap
+	}
+	req := etf.BOSHRequest{ConnID: conn.ID, ReqID: h.reqIDs.Add(1), Peer: peer, Body: body}
+
+	ctx, cancel := context.WithTimeout(r.Context(), h.cfg.MaxWait)
+	defer cancel()
+	h.forwarded.Add(1)
+	resp, err := h.backend.ProcessBOSH(ctx, req)
+	switch {
+	case err == nil:
+		h.write(w, resp)
+	case r.Context().Err() != nil:
+		// The client hung up; the backend already withdrew the request.
+		h.cancelled.Add(1)
+	case errors.Is(err, context.DeadlineExceeded):
+		h.failed.Add(1)
+		h.refuse(w, http.StatusGatewayTimeout, "ejabberd did not answer in time")
+	default:
+		// ejabberd is unreachable: XEP-0124 says so with a terminate.
+		h.failed.Add(1)
+		h.log.Warn("BOSH request failed", zap.Uint64("conn", conn.ID), zap.Error(err))
+		h.terminate(w, "remote-connection-failed")
+	}
+}
+
+func (h *Handler) write(w http.ResponseWriter, resp etf.BOSHResponse) {
+	for _, hd := range resp.Headers {
+		w.Header().Set(hd.Name, hd.Value)
+	}
+	w.Header().Set("Content-Length", strconv.Itoa(len(resp.Body)))
+	w.WriteHeader(resp.Status)
+	_, _ = w.Write(resp.Body)
+}
+
+func (h *Handler) refuse(w http.ResponseWriter, status int, reason string) {
+	h.refused.Add(1)
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(status)
+	io.WriteString(w, reason+"\n")
+}
+
+func (h *Handler) terminate(w http.ResponseWriter, condition string) {
+	w.Header().Set("Content-Type", "text/xml; charset=utf-8")
+	w.WriteHeader(http.StatusOK)
+	fmt.Fprintf(w, "<body xmlns='%s' type='terminate' condition='%s'/>", NS, condition)
+}

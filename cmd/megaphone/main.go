@@ -1,0 +1,182 @@
+// Command megaphone is the Megaphone sidecar: it attaches to a running
+// ejabberd node as a hidden Erlang node, owns the client sockets, and feeds
+// every client request to the Megaphone shim loaded in ejabberd.
+//
+//	megaphone --node ejabberd@localhost --cookie-file /var/lib/ejabberd/.erlang.cookie
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/megaphone-im/megaphone/bosh"
+	"github.com/megaphone-im/megaphone/node"
+	"github.com/megaphone-im/megaphone/sockets"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+type options struct {
+	nodes         []string
+	name          string
+	cookieFile    string
+	epmdPort      int
+	boshAddr      string
+	boshPaths     string
+	maxBody       int64
+	maxWait       time.Duration
+	maxConns      int
+	maxConnsPerIP int
+	logFormat     string
+	logLevel      string
+	shutdownGrace time.Duration
+}
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "version" {
+		fmt.Println("megaphone", version)
+		return
+	}
+	opts, err := parseFlags(os.Args[1:])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "megaphone:", err)
+		os.Exit(2)
+	}
+	log, err := newLogger(opts.logFormat, opts.logLevel)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "megaphone:", err)
+		os.Exit(2)
+	}
+	defer log.Sync()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, opts, log); err != nil {
+		log.Error("megaphone stopped", zap.Error(err))
+		os.Exit(1)
+	}
+}
+
+func parseFlags(args []string) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("megaphone", flag.ContinueOnError)
+	fs.Func("node", "ejabberd node to attach to, e.g. ejabberd@localhost (required)", func(s string) error {
+		o.nodes = append(o.nodes, s)
+		return nil
+	})
+	fs.StringVar(&o.name, "name", "", "this sidecar's node name (default megaphone_<pid>@<host of --node>)")
+	home, _ := os.UserHomeDir()
+	fs.StringVar(&o.cookieFile, "cookie-file", filepath.Join(home, ".erlang.cookie"),
+		"file holding the distribution cookie (must not be world-readable)")
+	fs.IntVar(&o.epmdPort, "epmd-port", node.DefaultEPMDPort, "epmd port on the ejabberd host")
+	fs.StringVar(&o.boshAddr, "bosh-addr", "127.0.0.1:5280", "BOSH HTTP listen address (empty: off)")
+	fs.StringVar(&o.boshPaths, "bosh-paths", "/bosh,/http-bind", "comma-separated URL paths that serve BOSH")
+	fs.Int64Var(&o.maxBody, "max-body", 64<<10, "largest BOSH request body in bytes (larger: 413)")
+	fs.DurationVar(&o.maxWait, "max-wait", 330*time.Second, "longest a BOSH request may wait for ejabberd")
+	fs.IntVar(&o.maxConns, "max-conns", 0, "most open client connections (0: no limit)")
+	fs.IntVar(&o.maxConnsPerIP, "max-conns-per-ip", 0, "most open client connections from one address (0: no limit)")
+	fs.StringVar(&o.logFormat, "log-format", "console", "log format: console or json")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 10*time.Second, "how long to let requests finish on SIGTERM")
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if len(o.nodes) == 0 {
+		return o, errors.New("--node is required")
+	}
+	if len(o.nodes) > 1 {
+		return o, errors.New("one --node for now: cluster support is not built yet")
+	}
+	if o.name == "" {
+		_, host, _ := strings.Cut(o.nodes[0], "@")
+		o.name = fmt.Sprintf("megaphone_%d@%s", os.Getpid(), host)
+	}
+	return o, nil
+}
+
+func newLogger(format, level string) (*zap.Logger, error) {
+	lvl, err := zapcore.ParseLevel(level)
+	if err != nil {
+		return nil, err
+	}
+	var cfg zap.Config
+	switch format {
+	case "json":
+		cfg = zap.NewProductionConfig()
+	case "console":
+		cfg = zap.NewDevelopmentConfig()
+		cfg.Development = false
+		cfg.DisableStacktrace = true
+	default:
+		return nil, fmt.Errorf("unknown log format %q", format)
+	}
+	cfg.Level = zap.NewAtomicLevelAt(lvl)
+	return cfg.Build()
+}
+
+func run(ctx context.Context, o options, log *zap.Logger) error {
+	cookie, err := node.ReadCookieFile(o.cookieFile)
+	if err != nil {
+		return err
+	}
+	n, err := node.New(node.Config{Name: o.name, Cookie: cookie, EPMDPort: o.epmdPort, Logger: log})
+	if err != nil {
+		return err
+	}
+	log.Info("megaphone starting", zap.String("version", version), zap.String("name", o.name),
+		zap.Strings("ejabberd", o.nodes), zap.Stringer("pid", n.Self()))
+	attachCtx, stopAttach := context.WithCancel(context.Background())
+	defer stopAttach()
+	attachment := n.Attach(attachCtx, o.nodes[0], version)
+
+	ids := &sockets.IDs{}
+	lis, err := sockets.Listen(o.boshAddr, ids, sockets.Limits{MaxConns: o.maxConns, MaxConnsPerIP: o.maxConnsPerIP}, log)
+	if err != nil {
+		return fmt.Errorf("BOSH listener: %w", err)
+	}
+	front := bosh.NewHandler(bosh.Config{MaxBodyBytes: o.maxBody, MaxWait: o.maxWait, Logger: log}, attachment)
+	mux := http.NewServeMux()
+	for _, p := range strings.Split(o.boshPaths, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			mux.Handle(p, front)
+		}
+	}
+	srv := &http.Server{
+		Handler:           mux,
+		ConnContext:       func(ctx context.Context, c net.Conn) context.Context { return sockets.WithConn(ctx, c) },
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      o.maxWait + 10*time.Second,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          zap.NewStdLog(log.Named("http")),
+	}
+	log.Info("serving BOSH", zap.String("url", "http://"+lis.Addr().String()+"/bosh"))
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(lis) }()
+
+	select {
+	case err := <-serveErr:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down", zap.Duration("grace", o.shutdownGrace))
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), o.shutdownGrace)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		_ = srv.Close()
+	}
+	return nil
+}

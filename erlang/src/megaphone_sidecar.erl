@@ -1,0 +1,139 @@
+%% @doc One attached sidecar. It monitors the sidecar's process, runs every
+%% BOSH request the sidecar sends in a worker of its own (megaphone_bosh),
+%% and when the sidecar goes away (its node disconnects or it says goodbye)
+%% it kills the workers still in flight and stops: nothing it started
+%% outlives it. BOSH sessions themselves belong to ejabberd_bosh and live on
+%% for their inactivity window, so a sidecar back in time picks them up.
+-module(megaphone_sidecar).
+-behaviour(gen_server).
+
+-export([start_link/3, status/1]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+%% Connection and request ids are the sidecar's 64-bit unsigned integers.
+-define(IS_ID(X), (is_integer(X) andalso X >= 0 andalso X =< 16#FFFFFFFFFFFFFFFF)).
+
+-record(state, {
+          sidecar :: pid(),
+          monitor :: reference(),
+          version :: pos_integer(),
+          info :: map(),
+          started :: integer(),                          % erlang:system_time(second)
+          workers = #{} :: #{reference() => {non_neg_integer(), non_neg_integer(), pid()}},
+          by_request = #{} :: #{{non_neg_integer(), non_neg_integer()} => reference()},
+          requests = 0 :: non_neg_integer(),
+          cancelled = 0 :: non_neg_integer(),
+          failed = 0 :: non_neg_integer()}).
+
+-spec start_link(pid(), pos_integer(), map()) -> {ok, pid()} | {error, term()}.
+start_link(Sidecar, Version, Info) ->
+    gen_server:start_link(?MODULE, {Sidecar, Version, Info}, []).
+
+%% @doc A map describing this session, for megaphone:status().
+-spec status(pid()) -> map().
+status(Session) ->
+    gen_server:call(Session, status, 1000).
+
+-spec init({pid(), pos_integer(), map()}) -> {ok, #state{}}.
+init({Sidecar, Version, Info}) ->
+    Ref = erlang:monitor(process, Sidecar),
+    State = #state{sidecar = Sidecar, monitor = Ref, version = Version,
+                   info = maps:with([name, build, min_version], Info),
+                   started = erlang:system_time(second)},
+    welcome(State),
+    logger:notice("megaphone: sidecar ~p attached (~ts), protocol ~p",
+                  [Sidecar, maps:get(name, Info, <<"?">>), Version]),
+    {ok, State}.
+
+-spec handle_call(term(), gen_server:from(), #state{}) -> {reply, term(), #state{}}.
+handle_call(status, _From, State) ->
+    {reply, describe(State), State};
+handle_call(_Request, _From, State) ->
+    {reply, {error, unknown_call}, State}.
+
+-spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
+handle_cast(_Msg, State) ->
+    {noreply, State}.
+
+-spec handle_info(term(), #state{}) -> {noreply, #state{}} | {stop, normal, #state{}}.
+handle_info({bosh_request, ConnId, ReqId, Peer, Body}, State)
+  when ?IS_ID(ConnId), ?IS_ID(ReqId), is_binary(Body) ->
+    case megaphone_bosh:valid_peer(Peer) of
+        true -> {noreply, start_worker(ConnId, ReqId, Peer, Body, State)};
+        false -> {noreply, reject(ConnId, ReqId, <<"bad peer address">>, State)}
+    end;
+handle_info({bosh_cancel, ConnId, ReqId}, #state{by_request = ByReq} = State) ->
+    case maps:find({ConnId, ReqId}, ByReq) of
+        {ok, Ref} ->
+            {_, _, Pid} = maps:get(Ref, State#state.workers),
+            exit(Pid, kill),
+            {noreply, State#state{cancelled = State#state.cancelled + 1}};
+        error ->
+            {noreply, State}
+    end;
+handle_info({'DOWN', Ref, process, _, Reason}, #state{monitor = Ref} = State) ->
+    logger:notice("megaphone: sidecar ~p went away (~p); ending ~p request(s) in flight",
+                  [State#state.sidecar, Reason, maps:size(State#state.workers)]),
+    {stop, normal, State};
+handle_info({'DOWN', Ref, process, _, Reason}, #state{workers = Workers} = State) ->
+    case maps:take(Ref, Workers) of
+        {{ConnId, ReqId, _Pid}, Rest} ->
+            State1 = State#state{workers = Rest,
+                                 by_request = maps:remove({ConnId, ReqId}, State#state.by_request)},
+            {noreply, worker_ended(ConnId, ReqId, Reason, State1)};
+        error ->
+            {noreply, State}
+    end;
+handle_info(rewelcome, State) ->
+    welcome(State),
+    {noreply, State};
+handle_info(Other, State) ->
+    logger:notice("megaphone: session ~p ignored an unknown message: ~P", [self(), Other, 8]),
+    {noreply, State}.
+
+-spec terminate(term(), #state{}) -> ok.
+terminate(_Reason, #state{workers = Workers}) ->
+    %% Whatever the reason we stop, no request process outlives us.
+    maps:foreach(fun(_, {_, _, Pid}) -> exit(Pid, kill) end, Workers).
+
+welcome(#state{sidecar = Sidecar, version = Version}) ->
+    Info = #{node => atom_to_binary(node(), utf8),
+             otp_release => list_to_binary(erlang:system_info(otp_release)),
+             ejabberd => ejabberd_version()},
+    erlang:send(Sidecar, {megaphone_welcome, self(), Version, Info}, [noconnect]).
+
+ejabberd_version() ->
+    case application:get_key(ejabberd, vsn) of
+        {ok, Vsn} -> list_to_binary(Vsn);
+        undefined -> <<"not running">>
+    end.
+
+start_worker(ConnId, ReqId, Peer, Body, #state{sidecar = Sidecar} = State) ->
+    {Pid, Ref} = megaphone_bosh:start(Sidecar, ConnId, ReqId, Peer, Body),
+    State#state{workers = (State#state.workers)#{Ref => {ConnId, ReqId, Pid}},
+                by_request = (State#state.by_request)#{{ConnId, ReqId} => Ref},
+                requests = State#state.requests + 1}.
+
+worker_ended(_ConnId, _ReqId, normal, State) ->
+    State;
+worker_ended(_ConnId, _ReqId, killed, State) ->
+    State;   % cancelled by the sidecar: it no longer waits for an answer
+worker_ended(ConnId, ReqId, Reason, State) ->
+    logger:error("megaphone: BOSH request ~p/~p crashed: ~p", [ConnId, ReqId, Reason]),
+    reject(ConnId, ReqId, <<"Internal Server Error">>, State#state{failed = State#state.failed + 1}).
+
+reject(ConnId, ReqId, Reason, #state{sidecar = Sidecar} = State) ->
+    erlang:send(Sidecar, megaphone_bosh:error_response(ConnId, ReqId, 500, Reason), [noconnect]),
+    State.
+
+describe(#state{} = S) ->
+    #{sidecar => S#state.sidecar,
+      node => node(S#state.sidecar),
+      name => maps:get(name, S#state.info, <<>>),
+      build => maps:get(build, S#state.info, <<>>),
+      protocol => S#state.version,
+      uptime_s => erlang:system_time(second) - S#state.started,
+      in_flight => maps:size(S#state.workers),
+      requests => S#state.requests,
+      cancelled => S#state.cancelled,
+      failed => S#state.failed}.

@@ -1,0 +1,306 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/megaphone-im/megaphone/etf"
+	"go.uber.org/zap"
+)
+
+// ErrNotAttached means no shim session is up: ejabberd is down, the shim is
+// not loaded, or the link is being re-established.
+var ErrNotAttached = errors.New("not attached to the ejabberd shim")
+
+// ErrLinkLost means the link went down while a request was in flight.
+var ErrLinkLost = errors.New("link to ejabberd lost")
+
+// AttachmentState is a snapshot of an attachment, for status and metrics.
+type AttachmentState struct {
+	Peer      string
+	Attached  bool
+	Since     time.Time // when the current state began
+	Version   int       // negotiated protocol version
+	Session   string    // the shim's session pid
+	LastError string
+	InFlight  int
+	Attempts  uint64
+}
+
+// Attachment keeps the sidecar attached to the shim on one ejabberd node:
+// it dials, says hello, serves requests, and when the link drops it fails
+// what was in flight and re-attaches with backoff, until its context ends.
+type Attachment struct {
+	node *Node
+	peer string
+	log  *zap.Logger
+	info etf.Hello
+
+	mu        sync.Mutex
+	cur       *session      // nil while detached
+	ready     chan struct{} // closed when cur becomes non-nil
+	lastErr   string
+	since     time.Time
+	pending   map[uint64]chan etf.BOSHResponse
+	attempts  atomic.Uint64
+	helloWait time.Duration
+	// attachWait is how long a request waits for a detached attachment to
+	// come back (a link being re-established) before it fails.
+	attachWait time.Duration
+}
+
+type session struct {
+	link    *Link
+	shim    etf.Pid
+	version int
+}
+
+// Attach starts attaching to the shim on peer and keeps at it until ctx
+// ends. It returns at once; use Wait or Process to use the attachment.
+func (n *Node) Attach(ctx context.Context, peer string, build string) *Attachment {
+	a := &Attachment{
+		node:       n,
+		peer:       peer,
+		log:        n.log.With(zap.String("ejabberd", peer)),
+		ready:      make(chan struct{}),
+		since:      time.Now(),
+		pending:    make(map[uint64]chan etf.BOSHResponse),
+		helloWait:  5 * time.Second,
+		attachWait: 5 * time.Second,
+		info: etf.Hello{
+			Sidecar:    n.self,
+			Version:    etf.ProtocolVersion,
+			MinVersion: etf.MinProtocolVersion,
+			Name:       string(n.name),
+			Build:      build,
+		},
+	}
+	go a.run(ctx)
+	return a
+}
+
+// Peer returns the ejabberd node this attachment serves.
+func (a *Attachment) Peer() string { return a.peer }
+
+// State returns a snapshot for status reports.
+func (a *Attachment) State() AttachmentState {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s := AttachmentState{
+		Peer:      a.peer,
+		Attached:  a.cur != nil,
+		Since:     a.since,
+		LastError: a.lastErr,
+		InFlight:  len(a.pending),
+		Attempts:  a.attempts.Load(),
+	}
+	if a.cur != nil {
+		s.Version = a.cur.version
+		s.Session = a.cur.shim.String()
+	}
+	return s
+}
+
+// Wait blocks until the attachment is up or ctx ends.
+func (a *Attachment) Wait(ctx context.Context) error {
+	_, err := a.current(ctx)
+	return err
+}
+
+func (a *Attachment) current(ctx context.Context) (*session, error) {
+	a.mu.Lock()
+	cur, ready := a.cur, a.ready
+	a.mu.Unlock()
+	if cur != nil {
+		return cur, nil
+	}
+	select {
+	case <-ready:
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		if a.cur == nil {
+			return nil, ErrNotAttached
+		}
+		return a.cur, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("%w: %s", ErrNotAttached, a.State().LastError)
+	}
+}
+
+// ProcessBOSH hands one BOSH request to the shim and waits for ejabberd's
+// answer. If ctx ends first (the client went away, or the sidecar's own
+// deadline passed), the shim is told to drop the request; the client gets
+// the same answer again by re-sending its rid, as with ejabberd's own
+// listener.
+func (a *Attachment) ProcessBOSH(ctx context.Context, req etf.BOSHRequest) (etf.BOSHResponse, error) {
+	waitCtx, cancel := context.WithTimeout(ctx, a.attachWait)
+	s, err := a.current(waitCtx)
+	cancel()
+	if err != nil {
+		return etf.BOSHResponse{}, err
+	}
+	ch := make(chan etf.BOSHResponse, 1)
+	a.mu.Lock()
+	a.pending[req.ReqID] = ch
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		delete(a.pending, req.ReqID)
+		a.mu.Unlock()
+	}()
+	if err := s.link.Send(s.shim, req.Term()); err != nil {
+		return etf.BOSHResponse{}, fmt.Errorf("%w: %v", ErrLinkLost, err)
+	}
+	select {
+	case resp := <-ch:
+		return resp, nil
+	case <-s.link.Done():
+		return etf.BOSHResponse{}, ErrLinkLost
+	case <-ctx.Done():
+		_ = s.link.Send(s.shim, etf.BOSHCancel{ConnID: req.ConnID, ReqID: req.ReqID}.Term())
+		return etf.BOSHResponse{}, ctx.Err()
+	}
+}
+
+// handle runs on the link's reader goroutine: it must not block.
+func (a *Attachment) handle(welcome chan<- any) Handler {
+	return func(l *Link, d Delivery) {
+		msg, err := etf.ParseShimMessage(d.Msg)
+		if err != nil {
+			a.log.Warn("message from ejabberd is no protocol message; ignored", zap.Error(err))
+			return
+		}
+		switch m := msg.(type) {
+		case etf.BOSHResponse:
+			a.mu.Lock()
+			ch := a.pending[m.ReqID]
+			a.mu.Unlock()
+			if ch == nil {
+				// The request was cancelled or timed out; the client
+				// re-sends the rid and ejabberd replays the answer.
+				a.log.Debug("late BOSH response dropped", zap.Uint64("req", m.ReqID))
+				return
+			}
+			ch <- m // buffered, and only one response per request
+		case etf.Welcome, etf.Refused:
+			select {
+			case welcome <- m:
+			default:
+			}
+		}
+	}
+}
+
+func (a *Attachment) run(ctx context.Context) {
+	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
+	for {
+		err := a.attachOnce(ctx, backoff)
+		if ctx.Err() != nil {
+			a.setDetached("stopped")
+			return
+		}
+		a.setDetached(err.Error())
+		select {
+		case <-ctx.Done():
+			a.setDetached("stopped")
+			return
+		case <-time.After(backoff.next()):
+		}
+	}
+}
+
+// attachOnce dials, says hello, and serves until the link drops. It returns
+// why the attachment ended.
+func (a *Attachment) attachOnce(ctx context.Context, backoff *backoff) error {
+	a.attempts.Add(1)
+	welcome := make(chan any, 1)
+	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	link, err := a.node.Dial(dialCtx, a.peer, a.handle(welcome))
+	cancel()
+	if err != nil {
+		return err
+	}
+	defer link.Close()
+	if err := link.RegSend(etf.ListenerName, a.info.Term()); err != nil {
+		return err
+	}
+	var w etf.Welcome
+	select {
+	case m := <-welcome:
+		switch m := m.(type) {
+		case etf.Welcome:
+			w = m
+		case etf.Refused:
+			return fmt.Errorf("shim refused us: %s (it speaks versions %v)", m.Reason, m.Supported)
+		}
+	case <-link.Done():
+		return link.Err()
+	case <-time.After(a.helloWait):
+		return fmt.Errorf("no answer from %s on %s: is the shim loaded? (megaphone:start() in its shell)",
+			etf.ListenerName, a.peer)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	a.setAttached(&session{link: link, shim: w.Session, version: w.Version}, w)
+	backoff.reset()
+	select {
+	case <-link.Done():
+		return fmt.Errorf("link down: %w", link.Err())
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (a *Attachment) setAttached(s *session, w etf.Welcome) {
+	a.mu.Lock()
+	a.cur = s
+	a.since = time.Now()
+	a.lastErr = ""
+	close(a.ready)
+	a.mu.Unlock()
+	a.log.Info("attached to the shim",
+		zap.Int("protocol", w.Version), zap.Stringer("session", w.Session),
+		zap.String("otp", w.OTP), zap.String("ejabberd_version", w.Ejabberd))
+}
+
+// setDetached records why we are detached. Each distinct reason is logged
+// once, so a node that stays down for an hour does not flood the log.
+func (a *Attachment) setDetached(reason string) {
+	a.mu.Lock()
+	wasAttached := a.cur != nil
+	repeated := reason == a.lastErr
+	if wasAttached {
+		a.cur = nil
+		a.ready = make(chan struct{})
+		a.since = time.Now()
+	}
+	a.lastErr = reason
+	a.mu.Unlock()
+	switch {
+	case wasAttached:
+		a.log.Warn("detached from the shim; re-attaching", zap.String("reason", reason))
+	case !repeated:
+		a.log.Warn("cannot attach to the shim; retrying with backoff", zap.String("reason", reason))
+	}
+}
+
+// backoff is exponential with jitter, so that many sidecars restarting
+// together do not hammer ejabberd in step.
+type backoff struct {
+	min, max, cur time.Duration
+}
+
+func newBackoff(min, max time.Duration) *backoff { return &backoff{min: min, max: max, cur: min} }
+
+func (b *backoff) reset() { b.cur = b.min }
+
+func (b *backoff) next() time.Duration {
+	d := b.cur
+	b.cur = min(b.cur*2, b.max)
+	return d/2 + rand.N(d/2+1)
+}
