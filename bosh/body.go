@@ -30,7 +30,7 @@ func checkBody(b []byte) error {
 	d.Strict = true
 	depth, roots := 0, 0
 	for {
-		tok, err := d.RawToken()
+		tok, err := d.Token()
 		if err == io.EOF {
 			break
 		}
@@ -44,7 +44,7 @@ func checkBody(b []byte) error {
 				if roots > 1 {
 					return fmt.Errorf("%w: more than one root element", errBadBody)
 				}
-				if t.Name.Local != "body" || !declaresNS(t, NS) {
+				if t.Name.Local != "body" || t.Name.Space != NS {
 					return fmt.Errorf("%w: root is not <body xmlns='%s'/>", errBadBody, NS)
 				}
 			}
@@ -69,15 +69,4 @@ func checkBody(b []byte) error {
 		return fmt.Errorf("%w: no <body/> element", errBadBody)
 	}
 	return nil
-}
-
-// declaresNS reports whether a raw start element declares ns as its default
-// namespace (RawToken leaves xmlns as a plain attribute).
-func declaresNS(t xml.StartElement, ns string) bool {
-	for _, a := range t.Attr {
-		if a.Name.Space == "" && a.Name.Local == "xmlns" {
-			return a.Value == ns
-		}
-	}
-	return false
 }

@@ -288,14 +288,17 @@ func (l *Link) dispatch(frame []byte) error {
 			delete(l.monitors, ref.String())
 			l.stateMu.Unlock()
 		}
-	case op == opExit, op == opExitTT, op == opExit2, op == opExit2TT,
-		op == opPayloadExit, op == opPayloadExitTT, op == opPayloadExit2, op == opPayloadExit2TT:
-		// The sidecar's process traps exits: an exit signal from Erlang
-		// is noted, never fatal to the link or to other connections.
+	case op == opExit, op == opExitTT, op == opPayloadExit, op == opPayloadExitTT:
+		// A linked Erlang process died: the link is gone. The sidecar's
+		// process traps exits, so this is news, not a reason to stop.
 		if len(ctl) >= 2 {
 			l.dropLink(ctl[1])
 		}
-		l.log.Info("exit signal from peer ignored", zap.Int64("op", op))
+		l.log.Debug("linked process exited", zap.Any("from", ctl[1]))
+	case op == opExit2, op == opExit2TT, op == opPayloadExit2, op == opPayloadExit2TT:
+		// exit/2 aimed at the sidecar: noted, never fatal to the link or
+		// to the client connections it carries.
+		l.log.Info("exit signal from peer ignored", zap.Any("from", ctl[1]))
 	case op == opMonitorPExit, op == opPayloadMonitorPX, op == opGroupLeader:
 		// We set no monitors and keep no group leader.
 	default:

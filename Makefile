@@ -1,0 +1,59 @@
+# Megaphone: the Go sidecar and the Erlang shim.
+#
+#   make run    install what is missing, build, start a private ejabberd with
+#               the shim loaded, and serve clients through the sidecar
+#   make test   every test: Go (race detector), EUnit, and the integration
+#               tests against a real ejabberd and real npm clients
+
+GO      ?= go
+REBAR3  ?= rebar3
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+SHIM_EBIN := $(CURDIR)/_build/default/lib/megaphone/ebin
+
+.PHONY: all deps build sidecar shim test unit-test go-unit eunit integration run fuzz vet clean
+
+all: build
+
+deps:
+	bash scripts/deps.sh
+
+build: sidecar shim
+
+sidecar:
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o bin/megaphone ./cmd/megaphone
+
+shim:
+	$(REBAR3) compile
+
+vet:
+	$(GO) vet ./...
+
+# Unit tests: fast, no ejabberd needed.
+unit-test: vet go-unit eunit
+
+go-unit:
+	$(GO) test -race -count=1 ./etf/... ./node/... ./bosh/... ./sockets/...
+
+eunit:
+	$(REBAR3) eunit
+
+# Integration tests start their own ejabberd nodes and npm clients; they
+# find the sidecar binary and the shim through these variables.
+integration: build
+	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
+		$(GO) test -count=1 -timeout 15m -v ./test/...
+
+test: deps build unit-test integration
+
+run: deps build
+	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
+		$(GO) run ./cmd/megaphone-dev
+
+# Longer fuzzing of every decoder that faces the network or the node.
+FUZZTIME ?= 2m
+fuzz:
+	$(GO) test ./etf/ -run '^$$' -fuzz FuzzDecode -fuzztime $(FUZZTIME)
+	$(GO) test ./bosh/ -run '^$$' -fuzz FuzzCheckBody -fuzztime $(FUZZTIME)
+
+clean:
+	rm -rf bin _build .run

@@ -1,0 +1,140 @@
+%% EUnit tests of the shim against a stand-in sidecar (a local process) and
+%% a stand-in ejabberd_bosh. The real thing is exercised by the Go
+%% integration tests in test/; these pin the shim's own rules.
+-module(megaphone_tests).
+-include_lib("eunit/include/eunit.hrl").
+
+-export([fake_bosh/2]).
+
+shim_test_() ->
+    {foreach, fun setup/0, fun cleanup/1,
+     [fun hello_and_request/0,
+      fun refuses_unknown_version/0,
+      fun repeated_hello_gets_same_session/0,
+      fun bad_messages_are_ignored/0,
+      fun cancel_kills_worker/0,
+      fun sidecar_death_ends_everything/0,
+      fun crash_becomes_500/0,
+      fun status_reports_sessions/0]}.
+
+setup() ->
+    load_fake_bosh(),
+    ok = megaphone:start().
+
+cleanup(_) ->
+    ok = megaphone:stop(),
+    code:purge(ejabberd_bosh),
+    code:delete(ejabberd_bosh).
+
+%% ejabberd_bosh stand-in: echoes the body, blocks on <<"block">> (telling
+%% the test its pid), and crashes on <<"crash">>.
+load_fake_bosh() ->
+    Forms = [{attribute, 1, module, ejabberd_bosh},
+             {attribute, 2, export, [{process_request, 3}]},
+             {function, 3, process_request, 3,
+              [{clause, 3, [{var, 3, 'Body'}, {var, 3, 'Peer'}, {atom, 3, xml}], [],
+                [{call, 4, {remote, 4, {atom, 4, megaphone_tests}, {atom, 4, fake_bosh}},
+                  [{var, 4, 'Body'}, {var, 4, 'Peer'}]}]}]}],
+    {ok, Mod, Bin} = compile:forms(Forms),
+    {module, Mod} = code:load_binary(Mod, "ejabberd_bosh.erl", Bin).
+
+fake_bosh(<<"block">>, _Peer) ->
+    catch (whereis(test_probe) ! {blocked, self()}),
+    receive after infinity -> ok end;
+fake_bosh(<<"crash">>, _Peer) ->
+    error(boom);
+fake_bosh(Body, Peer) ->
+    {200, <<"OK">>, [{<<"Content-Type">>, <<"text/xml; charset=utf-8">>}],
+     [<<"echo:">>, Body, io_lib:format(":~p", [Peer])]}.
+
+hello(Sidecar) ->
+    megaphone_listener ! {megaphone_hello, Sidecar, 1, #{min_version => 1, name => <<"t">>}},
+    receive {megaphone_welcome, Session, 1, Info} when is_map(Info) -> Session
+    after 2000 -> error(no_welcome)
+    end.
+
+hello_and_request() ->
+    Session = hello(self()),
+    Peer = {{127, 0, 0, 7}, 4242},
+    Session ! {bosh_request, 1, 10, Peer, <<"<body/>">>},
+    receive
+        {bosh_response, 1, 10, 200, <<"OK">>, Headers, Body} ->
+            ?assertEqual([{<<"Content-Type">>, <<"text/xml; charset=utf-8">>}], Headers),
+            ?assertEqual(<<"echo:<body/>:{{127,0,0,7},4242}">>, Body)
+    after 2000 -> error(no_response)
+    end.
+
+refuses_unknown_version() ->
+    megaphone_listener ! {megaphone_hello, self(), 99, #{min_version => 50}},
+    receive {megaphone_refused, Reason, [1]} -> ?assert(is_binary(Reason))
+    after 2000 -> error(no_refusal)
+    end.
+
+repeated_hello_gets_same_session() ->
+    S1 = hello(self()),
+    S2 = hello(self()),
+    ?assertEqual(S1, S2),
+    ?assertEqual(1, length(maps:get(sidecars, megaphone:status()))).
+
+bad_messages_are_ignored() ->
+    Session = hello(self()),
+    Atoms = erlang:system_info(atom_count),
+    [Session ! M || M <- [garbage, {bosh_request, -1, 1, {{1,2,3,4}, 1}, <<>>},
+                          {bosh_request, 1, 1, {{1,2,3,4}, 1}, not_binary},
+                          {bosh_request, 1, 1 bsl 64, {{1,2,3,4}, 1}, <<>>}]],
+    megaphone_listener ! {megaphone_hello, not_a_pid, 1, #{}},
+    Session ! {bosh_request, 2, 3, {{300, 0, 0, 1}, 1}, <<"x">>},
+    receive {bosh_response, 2, 3, 500, <<"bad peer address">>, _, _} -> ok
+    after 2000 -> error(no_rejection)
+    end,
+    ?assert(is_process_alive(Session)),
+    ?assert(is_process_alive(whereis(megaphone_listener))),
+    ?assertEqual(Atoms, erlang:system_info(atom_count)).
+
+cancel_kills_worker() ->
+    register(test_probe, self()),
+    Session = hello(self()),
+    Session ! {bosh_request, 5, 6, {{127, 0, 0, 1}, 1}, <<"block">>},
+    Worker = receive {blocked, W} -> W after 2000 -> error(not_blocked) end,
+    Ref = monitor(process, Worker),
+    Session ! {bosh_cancel, 5, 6},
+    receive {'DOWN', Ref, process, Worker, killed} -> ok after 2000 -> error(not_killed) end,
+    ?assertMatch([#{in_flight := 0, cancelled := 1}], maps:get(sidecars, megaphone:status())),
+    unregister(test_probe).
+
+sidecar_death_ends_everything() ->
+    register(test_probe, self()),
+    Parent = self(),
+    Sidecar = spawn(fun() ->
+                            S = hello(self()),
+                            Parent ! {session, S},
+                            receive stop -> ok end
+                    end),
+    Session = receive {session, S} -> S after 2000 -> error(no_session) end,
+    Session ! {bosh_request, 1, 1, {{127, 0, 0, 1}, 1}, <<"block">>},
+    Worker = receive {blocked, W} -> W after 2000 -> error(not_blocked) end,
+    WRef = monitor(process, Worker),
+    SRef = monitor(process, Session),
+    Sidecar ! stop,
+    receive {'DOWN', WRef, process, Worker, killed} -> ok after 2000 -> error(worker_leaked) end,
+    receive {'DOWN', SRef, process, Session, normal} -> ok after 2000 -> error(session_leaked) end,
+    ?assertEqual([], maps:get(sidecars, megaphone:status())),
+    unregister(test_probe).
+
+crash_becomes_500() ->
+    Session = hello(self()),
+    Session ! {bosh_request, 3, 4, {{127, 0, 0, 1}, 1}, <<"crash">>},
+    receive {bosh_response, 3, 4, 500, _, _, _} -> ok
+    after 2000 -> error(no_500)
+    end,
+    ?assert(is_process_alive(Session)).
+
+status_reports_sessions() ->
+    _ = hello(self()),
+    #{running := true, sidecars := [S], protocol_versions := [1]} = megaphone:status(),
+    ?assertEqual(self(), maps:get(sidecar, S)).
+
+version_choice_test() ->
+    ?assertEqual({ok, 1}, megaphone_listener:choose_version(1, 1)),
+    ?assertEqual({ok, 1}, megaphone_listener:choose_version(1, 5)),
+    ?assertEqual(error, megaphone_listener:choose_version(2, 5)).

@@ -1,0 +1,244 @@
+package node
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/megaphone-im/megaphone/etf"
+	"go.uber.org/zap/zaptest"
+)
+
+// peerProgram runs in a real Erlang node. Its 'peer' process does what the
+// test asks and answers to the sender's pid, which it takes from messages.
+const peerProgram = `
+Loop = fun Loop() ->
+  receive
+    {nodes, P} -> P ! {nodes, nodes(), nodes(hidden)};
+    {ping, P, N} -> P ! {ping, net_adm:ping(N)};
+    {echo, P, M} -> P ! {echo, M};
+    {link, P} -> link(P), P ! linked;
+    {unlink, P} -> unlink(P), P ! unlinked;
+    {monitor, P} -> erlang:monitor(process, P), P ! monitored;
+    {exit, P} -> exit(P, kill), P ! exited;
+    {group_leader, P} -> group_leader(P, self()), group_leader(whereis(user), self()), P ! gl;
+    {flood, P, N} -> [P ! {seq, I} || I <- lists:seq(1, N)], P ! flooded;
+    {count, P, N} ->
+      R = (fun C(I) when I > N -> ok;
+               C(I) -> receive {seq, I} -> C(I + 1); {seq, J} -> {bad, I, J}
+                       after 10000 -> {timeout, I} end end)(1),
+      P ! {counted, R}
+  end,
+  Loop()
+end,
+register(peer, self()),
+io:format("ready~n"),
+Loop().
+`
+
+type collector struct {
+	mu   sync.Mutex
+	msgs []etf.Term
+	cond *sync.Cond
+	// {seq, N} messages are checked as they arrive, not stored.
+	seqNext int64
+	seqErr  error
+}
+
+func newCollector() *collector {
+	c := &collector{}
+	c.cond = sync.NewCond(&c.mu)
+	return c
+}
+
+func (c *collector) handle(_ *Link, d Delivery) {
+	c.mu.Lock()
+	if tup, ok := d.Msg.(etf.Tuple); ok && len(tup) == 2 && tup[0] == etf.Atom("seq") {
+		c.seqNext++
+		if tup[1] != c.seqNext && c.seqErr == nil {
+			c.seqErr = fmt.Errorf("message %d arrived as %v", c.seqNext, tup[1])
+		}
+	} else {
+		c.msgs = append(c.msgs, d.Msg)
+	}
+	c.mu.Unlock()
+	c.cond.Broadcast()
+}
+
+// waitFor returns the first message (removing it and all before it) for
+// which match is true.
+func (c *collector) waitFor(t *testing.T, what string, match func(etf.Term) bool) etf.Term {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	timer := time.AfterFunc(20*time.Second, c.cond.Broadcast)
+	defer timer.Stop()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for time.Now().Before(deadline) {
+		for i, m := range c.msgs {
+			if match(m) {
+				c.msgs = c.msgs[i+1:]
+				return m
+			}
+		}
+		c.cond.Wait()
+	}
+	t.Fatalf("no %s within 20s", what)
+	return nil
+}
+
+func tagged(tag etf.Atom) func(etf.Term) bool {
+	return func(m etf.Term) bool {
+		if a, ok := m.(etf.Atom); ok {
+			return a == tag
+		}
+		tup, ok := m.(etf.Tuple)
+		return ok && len(tup) > 0 && tup[0] == tag
+	}
+}
+
+func startPeer(t *testing.T) (peer, cookie string) {
+	t.Helper()
+	if _, err := exec.LookPath("erl"); err != nil {
+		t.Skip("erl not installed; run make deps")
+	}
+	dir := t.TempDir()
+	b := make([]byte, 12)
+	rand.Read(b)
+	cookie = hex.EncodeToString(b)
+	if err := os.WriteFile(filepath.Join(dir, ".erlang.cookie"), []byte(cookie), 0o400); err != nil {
+		t.Fatal(err)
+	}
+	peer = "nodetest_" + hex.EncodeToString(b[:4]) + "@localhost"
+	cmd := exec.Command("erl", "-sname", peer, "-noinput", "-eval", peerProgram)
+	cmd.Env = append(os.Environ(), "HOME="+dir)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	ready := make(chan struct{})
+	go func() {
+		buf := make([]byte, 64)
+		n, _ := out.Read(buf)
+		if n > 0 {
+			close(ready)
+		}
+	}()
+	select {
+	case <-ready:
+	case <-time.After(30 * time.Second):
+		t.Fatal("erl did not start")
+	}
+	return peer, cookie
+}
+
+func TestRealDistributionLink(t *testing.T) {
+	peer, cookie := startPeer(t)
+	n, err := New(Config{Name: "megaphone_test@localhost", Cookie: cookie, Logger: zaptest.NewLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newCollector()
+	link, err := n.Dial(context.Background(), peer, c.handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer link.Close()
+	self := n.Self()
+	send := func(msg etf.Term) {
+		t.Helper()
+		if err := link.RegSend("peer", msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	send(etf.Tuple{etf.Atom("nodes"), self})
+	m := c.waitFor(t, "nodes reply", tagged("nodes")).(etf.Tuple)
+	if visible := m[1].(etf.List); len(visible) != 0 {
+		t.Errorf("sidecar is visible in nodes(): %v", visible)
+	}
+	if hidden := m[2].(etf.List); len(hidden) != 1 || hidden[0] != n.Name() {
+		t.Errorf("nodes(hidden) = %v, want [%s]", hidden, n.Name())
+	}
+
+	send(etf.Tuple{etf.Atom("ping"), self, n.Name()})
+	if m := c.waitFor(t, "ping reply", tagged("ping")).(etf.Tuple); m[1] != etf.Atom("pong") {
+		t.Errorf("net_adm:ping answered %v", m[1])
+	}
+
+	// Signals Erlang aims at our pid must not cost us the link.
+	for _, sig := range []etf.Atom{"link", "unlink", "link", "monitor", "exit", "group_leader"} {
+		send(etf.Tuple{sig, self})
+	}
+	for _, reply := range []etf.Atom{"linked", "unlinked", "linked", "monitored", "exited", "gl"} {
+		c.waitFor(t, string(reply), tagged(reply))
+	}
+	send(etf.Tuple{etf.Atom("echo"), self, []byte("still here ünï")})
+	if m := c.waitFor(t, "echo", tagged("echo")).(etf.Tuple); string(m[1].([]byte)) != "still here ünï" {
+		t.Errorf("echo %v", m)
+	}
+	if links, monitors := link.Watchers(); links != 1 || monitors != 1 {
+		t.Errorf("watchers: %d links, %d monitors; want 1 and 1", links, monitors)
+	}
+
+	const count = 100000
+	// Erlang to Go: in order, none lost.
+	send(etf.Tuple{etf.Atom("flood"), self, count})
+	c.waitFor(t, "flood end", tagged("flooded"))
+	c.mu.Lock()
+	if c.seqErr != nil || c.seqNext != count {
+		t.Fatalf("Erlang to Go: %d of %d in order (%v)", c.seqNext, count, c.seqErr)
+	}
+	c.mu.Unlock()
+
+	// Go to Erlang: in order, none lost.
+	send(etf.Tuple{etf.Atom("count"), self, count})
+	for i := 1; i <= count; i++ {
+		send(etf.Tuple{etf.Atom("seq"), i})
+	}
+	if m := c.waitFor(t, "count result", tagged("counted")).(etf.Tuple); m[1] != etf.Atom("ok") {
+		t.Fatalf("Erlang counted %v", m[1])
+	}
+	select {
+	case <-link.Done():
+		t.Fatalf("link went down: %v", link.Err())
+	default:
+	}
+	fmt.Fprintln(os.Stderr, "link stats (sent, received):", func() string { s, r := link.Stats(); return fmt.Sprint(s, r) }())
+}
+
+func TestWrongCookieIsRefused(t *testing.T) {
+	peer, _ := startPeer(t)
+	n, _ := New(Config{Name: "megaphone_bad@localhost", Cookie: "wrong", Logger: zaptest.NewLogger(t)})
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	if _, err := n.Dial(ctx, peer, func(*Link, Delivery) {}); err == nil {
+		t.Fatal("dial with a wrong cookie succeeded")
+	}
+}
+
+func TestCookieFileMustBePrivate(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "cookie")
+	os.WriteFile(p, []byte("secret\n"), 0o644)
+	if _, err := ReadCookieFile(p); err == nil {
+		t.Error("world-readable cookie file accepted")
+	}
+	os.Chmod(p, 0o400)
+	if c, err := ReadCookieFile(p); err != nil || c != "secret" {
+		t.Errorf("cookie %q, %v", c, err)
+	}
+}
