@@ -6,6 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sort"
+	"strconv"
+	"strings"
 )
 
 // NS is the namespace of a BOSH <body/> (XEP-0124).
@@ -70,3 +73,82 @@ func checkBody(b []byte) error {
 	}
 	return nil
 }
+
+// isEchoedRequest reports whether ejabberd's response to req is req itself
+// handed back. ejabberd_bosh (checked in 23.01) does that when a client
+// re-sends a rid that is held without an answer, as every client does when
+// its connection drops mid long-poll (a sidecar restart, a flaky network):
+// it parks the re-sent request *itself* as the holder, and when it later
+// releases the holder with nothing new it answers with that request, so the
+// client sees its own stanzas come back. When it has something new, it
+// answers with the parked request's attributes around the new stanzas,
+// which is a real answer. ejabberd never puts a rid on an answer it builds
+// itself, so: a rid on the root, and the request's very children inside,
+// is the echo.
+func isEchoedRequest(req, resp []byte) bool {
+	respRoot, respKids, err := canonicalChildren(resp)
+	if err != nil || !hasAttr(respRoot, "rid") {
+		return false
+	}
+	_, reqKids, err := canonicalChildren(req)
+	return err == nil && reqKids == respKids
+}
+
+func hasAttr(se xml.StartElement, local string) bool {
+	for _, a := range se.Attr {
+		if a.Name.Space == "" && a.Name.Local == local {
+			return true
+		}
+	}
+	return false
+}
+
+// canonicalChildren returns a document's root element and a canonical
+// rendering of everything inside it: namespaces resolved, attributes sorted,
+// namespace declarations and whitespace-only text dropped, so that the
+// client's bytes and ejabberd's re-serialisation of them compare equal.
+func canonicalChildren(doc []byte) (xml.StartElement, string, error) {
+	d := xml.NewDecoder(bytes.NewReader(doc))
+	var root xml.StartElement
+	var out strings.Builder
+	depth := 0
+	for {
+		tok, err := d.Token()
+		if err == io.EOF {
+			return root, out.String(), nil
+		}
+		if err != nil {
+			return root, "", err
+		}
+		switch t := tok.(type) {
+		case xml.StartElement:
+			depth++
+			if depth == 1 {
+				root = t.Copy()
+				continue
+			}
+			attrs := make([]string, 0, len(t.Attr))
+			for _, a := range t.Attr {
+				if a.Name.Space == "xmlns" || (a.Name.Space == "" && a.Name.Local == "xmlns") {
+					continue
+				}
+				attrs = append(attrs, a.Name.Space+" "+a.Name.Local+"="+strconv.Quote(a.Value))
+			}
+			sort.Strings(attrs)
+			fmt.Fprintf(&out, "<%s %s %s>", t.Name.Space, t.Name.Local, strings.Join(attrs, " "))
+		case xml.EndElement:
+			depth--
+			if depth >= 1 {
+				out.WriteString("</>")
+			}
+		case xml.CharData:
+			if depth >= 1 && len(bytes.TrimSpace(t)) > 0 {
+				out.WriteString(strconv.Quote(string(t)))
+			}
+		}
+	}
+}
+
+// emptyBody is what ejabberd answers a held request with when a newer one
+// releases it: nothing new for the client.
+const emptyBody = "<body xmlns='" + NS + "'/>"

@@ -182,3 +182,31 @@ func TestHandlerTimeoutIs504(t *testing.T) {
 		t.Fatalf("status %d", resp.StatusCode)
 	}
 }
+
+func TestIsEchoedRequest(t *testing.T) {
+	req := `<body rid="17" sid="abc" xmlns="http://jabber.org/protocol/httpbind"><message id="m1" to="b@x" type="chat" xmlns="jabber:client"><body>a-&gt;b &lt;&amp;&gt; ünï</body></message></body>`
+	// What ejabberd 23.01 answers with when it echoes: its own serialisation.
+	echo := `<body xmlns='http://jabber.org/protocol/httpbind' rid='17' sid='abc'><message xmlns='jabber:client' type='chat' to='b@x' id='m1'><body>a-&gt;b &lt;&amp;&gt; ünï</body></message></body>`
+	if !isEchoedRequest([]byte(req), []byte(echo)) {
+		t.Error("echo not recognised")
+	}
+	// New stanzas inside the parked request's attributes: a real answer.
+	fresh := `<body xmlns='http://jabber.org/protocol/httpbind' rid='17' sid='abc'><message xmlns='jabber:client' from='b@x/r' to='a@x' id='m9'><body>hi</body></message></body>`
+	poll := `<body rid="18" sid="abc" xmlns="http://jabber.org/protocol/httpbind"/>`
+	for _, tc := range []struct{ req, resp string }{
+		{req, fresh},
+		{poll, fresh},
+		{req, `<body xmlns='http://jabber.org/protocol/httpbind'/>`},
+		{req, `<body xmlns='http://jabber.org/protocol/httpbind' sid='abc' wait='60'><message from='b@x'/></body>`},
+		{req, `<body type='terminate' condition='item-not-found' xmlns='http://jabber.org/protocol/httpbind'/>`},
+		{req, ``}, {req, `not xml`},
+	} {
+		if isEchoedRequest([]byte(tc.req), []byte(tc.resp)) {
+			t.Errorf("real answer %q taken for an echo of %q", tc.resp, tc.req)
+		}
+	}
+	// An empty re-sent poll echoed is an empty answer either way.
+	if !isEchoedRequest([]byte(poll), []byte(`<body xmlns='http://jabber.org/protocol/httpbind' rid='18' sid='abc'/>`)) {
+		t.Error("echoed empty poll not recognised")
+	}
+}

@@ -40,6 +40,9 @@ type Config struct {
 // Stats counts what the front has done.
 type Stats struct {
 	Requests, Forwarded, Refused, Failed, Cancelled uint64
+	// Echoes counts ejabberd answers that were the client's own re-sent
+	// request (see isEchoedRequest), replaced with an empty body.
+	Echoes uint64
 }
 
 // Handler serves BOSH over HTTP.
@@ -49,7 +52,7 @@ type Handler struct {
 	log     *zap.Logger
 	reqIDs  atomic.Uint64
 
-	requests, forwarded, refused, failed, cancelled atomic.Uint64
+	requests, forwarded, refused, failed, cancelled, echoes atomic.Uint64
 }
 
 // NewHandler returns a BOSH front that forwards to backend.
@@ -69,7 +72,7 @@ func NewHandler(cfg Config, backend Backend) *Handler {
 // Stats returns the front's counters.
 func (h *Handler) Stats() Stats {
 	return Stats{Requests: h.requests.Load(), Forwarded: h.forwarded.Load(), Refused: h.refused.Load(),
-		Failed: h.failed.Load(), Cancelled: h.cancelled.Load()}
+		Failed: h.failed.Load(), Cancelled: h.cancelled.Load(), Echoes: h.echoes.Load()}
 }
 
 // corsHeaders are those ejabberd's own BOSH listener sends, so browser
@@ -139,6 +142,13 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 	resp, err := h.backend.ProcessBOSH(ctx, req)
 	switch {
 	case err == nil:
+		if resp.Status == http.StatusOK && isEchoedRequest(body, resp.Body) {
+			// See isEchoedRequest: the true answer is an empty body.
+			h.echoes.Add(1)
+			h.log.Info("ejabberd echoed a re-sent BOSH request; answering it with an empty body",
+				zap.Uint64("conn", conn.ID))
+			resp.Body = []byte(emptyBody)
+		}
 		h.write(w, resp)
 	case r.Context().Err() != nil:
 		// The client hung up; the backend already withdrew the request.

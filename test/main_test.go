@@ -1,0 +1,332 @@
+// Package test holds Megaphone's integration tests: a real ejabberd node
+// started on loopback by test/harness, the shim loaded into it from an erl
+// remote shell as an operator would, the real sidecar binary, and real
+// clients from npm (test/clients).
+package test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/megaphone-im/megaphone/test/harness"
+)
+
+const demoPassword = "demo"
+
+var (
+	sidecarBin string // the megaphone binary under test
+	shimEbin   string // the shim's ebin directory
+	clientsDir string // test/clients, with node_modules installed
+)
+
+func TestMain(m *testing.M) {
+	if err := locateParts(); err != nil {
+		fmt.Fprintln(os.Stderr, "integration tests:", err)
+		os.Exit(1)
+	}
+	os.Exit(m.Run())
+}
+
+// locateParts finds (or builds) the sidecar and the shim. make passes them
+// in; a bare `go test ./test/...` builds them itself.
+func locateParts() error {
+	root, err := filepath.Abs("..")
+	if err != nil {
+		return err
+	}
+	clientsDir = filepath.Join(root, "test", "clients")
+	if _, err := os.Stat(filepath.Join(clientsDir, "node_modules", "strophe.js")); err != nil {
+		return fmt.Errorf("npm clients not installed in %s: run make deps", clientsDir)
+	}
+	sidecarBin = os.Getenv("MEGAPHONE_BIN")
+	if sidecarBin == "" {
+		sidecarBin = filepath.Join(os.TempDir(), fmt.Sprintf("megaphone-test-%d", os.Getpid()))
+		cmd := exec.Command("go", "build", "-o", sidecarBin, "./cmd/megaphone")
+		cmd.Dir, cmd.Stdout, cmd.Stderr = root, os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("building the sidecar: %w", err)
+		}
+	}
+	shimEbin = os.Getenv("MEGAPHONE_SHIM_EBIN")
+	if shimEbin == "" {
+		cmd := exec.Command("rebar3", "compile")
+		cmd.Dir, cmd.Stdout, cmd.Stderr = root, os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("building the shim: %w", err)
+		}
+		shimEbin = filepath.Join(root, "_build", "default", "lib", "megaphone", "ebin")
+	}
+	return nil
+}
+
+// startEjabberd starts a private ejabberd with demo users and the shim
+// loaded through a remote shell, the way the README tells operators to.
+func startEjabberd(t *testing.T, opts harness.Options) *harness.Ejabberd {
+	t.Helper()
+	if opts.Name == "" {
+		opts.Name = "e2e"
+	}
+	ej := harness.MustStart(t, opts)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, user := range []string{"alice", "bob"} {
+		if err := ej.Register(ctx, user, "localhost", demoPassword); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out, err := ej.LoadShim(ctx, shimEbin); err != nil {
+		t.Fatalf("loading the shim: %v\n%s", err, out)
+	}
+	return ej
+}
+
+// eval runs an Erlang expression on the node and fails the test on error.
+func eval(t *testing.T, ej *harness.Ejabberd, expr string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := ej.Eval(ctx, expr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(out)
+}
+
+func evalInt(t *testing.T, ej *harness.Ejabberd, expr string) int {
+	t.Helper()
+	out := eval(t, ej, expr)
+	n, err := strconv.Atoi(out)
+	if err != nil {
+		t.Fatalf("%s = %q, not an integer", expr, out)
+	}
+	return n
+}
+
+// leftoverExpr counts the processes a BOSH session or request leaves on
+// the node: ejabberd's BOSH session and c2s processes, and the shim's
+// request workers.
+const leftoverExpr = `length([P || P <- erlang:processes(),
+    case proc_lib:translate_initial_call(P) of
+        {M, _, _} -> lists:member(M, [ejabberd_bosh, ejabberd_c2s, xmpp_stream_in, megaphone_bosh]);
+        _ -> false
+    end])`
+
+// sidecar is one run of the real megaphone binary.
+type sidecar struct {
+	t    *testing.T
+	cmd  *exec.Cmd
+	addr string
+	name string
+
+	mu       sync.Mutex
+	log      bytes.Buffer
+	attached chan struct{}
+	exited   chan struct{}
+}
+
+// startSidecar runs the sidecar against ej, serving BOSH on addr (a free
+// port if empty), and waits until it has attached to the shim.
+func startSidecar(t *testing.T, ej *harness.Ejabberd, addr string, extra ...string) *sidecar {
+	t.Helper()
+	if addr == "" {
+		port, err := harness.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr = fmt.Sprintf("127.0.0.1:%d", port)
+	}
+	s := &sidecar{t: t, addr: addr, attached: make(chan struct{}), exited: make(chan struct{})}
+	s.name = fmt.Sprintf("megaphone_e2e_%d@localhost", time.Now().UnixNano()%1e9)
+	args := append([]string{"--node", ej.Node, "--cookie-file", ej.CookieFile,
+		"--name", s.name, "--bosh-addr", addr}, extra...)
+	s.cmd = exec.Command(sidecarBin, args...)
+	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	stderr, err := s.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.cmd.Stdout = io.Discard
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go s.readLog(stderr)
+	go func() { _ = s.cmd.Wait(); close(s.exited) }()
+	t.Cleanup(s.kill)
+	select {
+	case <-s.attached:
+	case <-s.exited:
+		t.Fatalf("sidecar exited before attaching:\n%s", s.logs())
+	case <-time.After(30 * time.Second):
+		t.Fatalf("sidecar did not attach within 30s:\n%s", s.logs())
+	}
+	return s
+}
+
+func (s *sidecar) readLog(r io.Reader) {
+	sc := bufio.NewScanner(r)
+	once := sync.Once{}
+	for sc.Scan() {
+		line := sc.Text()
+		s.mu.Lock()
+		s.log.WriteString(line + "\n")
+		s.mu.Unlock()
+		if strings.Contains(line, "attached to the shim") {
+			once.Do(func() { close(s.attached) })
+		}
+	}
+}
+
+func (s *sidecar) logs() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.log.String()
+}
+
+func (s *sidecar) url() string { return "http://" + s.addr + "/bosh" }
+
+// kill ends the sidecar with SIGKILL, as a crash would, and waits for it.
+func (s *sidecar) kill() {
+	if s.cmd.Process != nil {
+		_ = s.cmd.Process.Signal(syscall.SIGKILL)
+	}
+	select {
+	case <-s.exited:
+	case <-time.After(10 * time.Second):
+		s.t.Errorf("sidecar pid %d did not exit after SIGKILL", s.cmd.Process.Pid)
+	}
+}
+
+// clientResult is the JSON line test/clients/bosh_chat.mjs prints.
+type clientResult struct {
+	OK       bool           `json:"ok"`
+	Error    string         `json:"error"`
+	Mode     string         `json:"mode"`
+	Sent     map[string]int `json:"sent"`
+	Received map[string]int `json:"received"`
+	Roster   map[string]int `json:"roster"`
+	JIDs     map[string]any `json:"jids"`
+}
+
+// boshClient is one run of the Strophe.js client pair.
+type boshClient struct {
+	cmd    *exec.Cmd
+	stdout *bufio.Scanner
+	stderr bytes.Buffer
+	ready  chan struct{}
+	result chan clientResult
+}
+
+// startClient runs two real Strophe.js BOSH clients (alice and bob).
+func startClient(t *testing.T, url string, args ...string) *boshClient {
+	t.Helper()
+	all := append([]string{"bosh_chat.mjs", "--url", url, "--a", "alice@localhost", "--b", "bob@localhost",
+		"--password", demoPassword}, args...)
+	c := &boshClient{ready: make(chan struct{}), result: make(chan clientResult, 1)}
+	c.cmd = exec.Command("node", all...)
+	c.cmd.Dir = clientsDir
+	c.cmd.Stderr = &c.stderr
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out, err := c.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.cmd.Process.Kill() })
+	go func() {
+		sc := bufio.NewScanner(out)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		var res clientResult
+		for sc.Scan() {
+			line := strings.TrimSpace(sc.Text())
+			switch {
+			case line == "READY":
+				close(c.ready)
+			case strings.HasPrefix(line, "{"):
+				if err := json.Unmarshal([]byte(line), &res); err != nil {
+					res = clientResult{Error: "unparsable output: " + line}
+				}
+			}
+		}
+		_ = c.cmd.Wait()
+		c.result <- res
+	}()
+	return c
+}
+
+func (c *boshClient) waitReady(t *testing.T) {
+	t.Helper()
+	select {
+	case <-c.ready:
+	case res := <-c.result:
+		t.Fatalf("client ended before READY: %+v\n%s", res, c.stderr.String())
+	case <-time.After(60 * time.Second):
+		t.Fatalf("client not READY within 60s\n%s", c.stderr.String())
+	}
+}
+
+func (c *boshClient) wait(t *testing.T, limit time.Duration) clientResult {
+	t.Helper()
+	select {
+	case res := <-c.result:
+		if !res.OK {
+			t.Fatalf("client failed: %s\n--- client stderr ---\n%s", res.Error, tail(c.stderr.String(), 60))
+		}
+		return res
+	case <-time.After(limit):
+		t.Fatalf("client did not finish within %s\n%s", limit, tail(c.stderr.String(), 60))
+	}
+	return clientResult{}
+}
+
+func tail(s string, lines int) string {
+	parts := strings.Split(s, "\n")
+	if len(parts) > lines {
+		parts = parts[len(parts)-lines:]
+	}
+	return strings.Join(parts, "\n")
+}
+
+// waitUntil polls cond (bounded) until it holds.
+func waitUntil(t *testing.T, limit time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		if cond() {
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("%s: not within %s", what, limit)
+}
+
+// rawHTTP sends bytes on a fresh TCP connection and returns what comes back.
+func rawHTTP(t *testing.T, addr string, request string) string {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(conn, request); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(conn)
+	return string(b)
+}
