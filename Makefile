@@ -5,6 +5,9 @@
 #   make test   every test: Go (race detector), EUnit, and the integration
 #               tests against a real ejabberd and real npm clients
 
+# Go lives in /usr/local/go on our machines; a root shell may not have it on PATH.
+export PATH := $(PATH):/usr/local/go/bin
+
 GO      ?= go
 REBAR3  ?= rebar3
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
@@ -46,8 +49,8 @@ integration: build
 test: deps build unit-test integration
 
 run: deps build
-	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
-		$(GO) run ./cmd/megaphone-dev
+	$(GO) build -o bin/megaphone-dev ./cmd/megaphone-dev
+	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) bin/megaphone-dev
 
 # Longer fuzzing of every decoder that faces the network or the node.
 FUZZTIME ?= 2m
