@@ -177,6 +177,8 @@ function fail(err) {
 
 process.on('uncaughtException', (e) => fail(`uncaught exception: ${e && e.stack ? e.stack : e}`));
 process.on('unhandledRejection', (e) => fail(`unhandled rejection: ${e && e.stack ? e.stack : e}`));
+// Killed by the test harness: still report, and log out what we can (bounded).
+for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => fail(`terminated by ${sig}`));
 
 const delay = (ms) => new Promise((r) => setTimeout(r, ms));
 
