@@ -41,19 +41,21 @@ func TestBOSHChatThroughSidecar(t *testing.T) {
 }
 
 // While clients are logged in through the sidecar, ejabberd's session table
-// shows them as BOSH sessions (http_bind) from the clients' real address.
+// shows them as BOSH sessions (http_bind) from the clients' real address:
+// they connect from 127.0.0.2, the sidecar's own link comes from 127.0.0.1.
 func TestBOSHSessionsShowHTTPBindAndRealIP(t *testing.T) {
 	ej := startEjabberd(t, harness.Options{})
 	sc := startSidecar(t, ej, "")
-	c := startClient(t, sc.url(), "--mode", "live", "--duration", "6", "--settle", "5", "--timeout", "60")
+	c := startClient(t, sc.url(), "--mode", "live", "--duration", "6", "--settle", "5", "--timeout", "60",
+		"--local-address", "127.0.0.2")
 	c.waitReady(t)
 
 	info := eval(t, ej, `[ {proplists:get_value(conn, I), proplists:get_value(ip, I)}
 	    || {U, S, R} <- ejabberd_sm:dirty_get_sessions_list(),
 	       I <- [ejabberd_sm:get_user_info(U, S, R)] ]`)
-	re := regexp.MustCompile(`\{http_bind,\{\{127,0,0,1\},\d+\}\}`)
+	re := regexp.MustCompile(`\{http_bind,\{\{127,0,0,2\},\d+\}\}`)
 	if n := len(re.FindAllString(info, -1)); n != 2 {
-		t.Errorf("want 2 sessions {http_bind, {{127,0,0,1}, Port}}, got %s", info)
+		t.Errorf("want 2 sessions {http_bind, {{127,0,0,2}, Port}}, got %s", info)
 	}
 	c.wait(t, time.Minute)
 }

@@ -20,7 +20,7 @@
 import './console-to-stderr.mjs'; // must stay first
 import { parseArgs } from 'node:util';
 import { randomBytes } from 'node:crypto';
-import { Strophe, $iq, $msg, $pres } from './node-env.mjs';
+import { Strophe, $iq, $msg, $pres, useLocalAddress } from './node-env.mjs';
 
 const NS_PING = 'urn:xmpp:ping';
 const NS_ROSTER = 'jabber:iq:roster';
@@ -33,7 +33,7 @@ const USAGE = `usage: node bosh_chat.mjs --url http://127.0.0.1:PORT/bosh --a al
          [--password PW | env DEMO_PASSWORD] [--mode chat|live] [--count 100]
          [--duration SECONDS] [--interval-ms 200] [--settle SECONDS]
          [--timeout SECONDS] [--wait SECONDS] [--max-retries N] [--pace-ms MS]
-         [--address full|bare] [--tolerate-unexpected] [--debug] [--strophe-log debug|info|warn|error|fatal]`;
+         [--address full|bare] [--tolerate-unexpected] [--local-address 127.x.y.z] [--debug] [--strophe-log debug|info|warn|error|fatal]`;
 
 function parseCli(argv) {
     const { values } = parseArgs({
@@ -58,6 +58,7 @@ function parseCli(argv) {
             debug: { type: 'boolean', default: false },
             'tolerate-unexpected': { type: 'boolean', default: false },
             address: { type: 'string', default: 'full' },
+            'local-address': { type: 'string' },
             help: { type: 'boolean', short: 'h', default: false },
         },
     });
@@ -101,6 +102,12 @@ function parseCli(argv) {
         address: values.address,
         stropheLog: levels[values['strophe-log']],
     };
+    if (values['local-address'] !== undefined) {
+        if (!/^127\.\d+\.\d+\.\d+$|^::1$/.test(values['local-address'])) {
+            throw new Error('--local-address must be a loopback address');
+        }
+        useLocalAddress(values['local-address']);
+    }
     if (values.timeout !== undefined) {
         opts.timeout = num('timeout', 1, 86400);
     } else {

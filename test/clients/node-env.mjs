@@ -33,6 +33,7 @@
 // Import this module before using Strophe; it re-exports Strophe's API.
 
 import XHR2 from 'xhr2';
+import http from 'node:http';
 import {
     DOMImplementation,
     DOMParser as XmldomDOMParser,
@@ -88,6 +89,14 @@ export class NodeXMLHttpRequest extends XHR2 {
         this.responseText = '';
         this.response = '';
     }
+}
+
+/**
+ * Make every BOSH request leave from localAddress (e.g. 127.0.0.2), so a test
+ * can tell the client's address apart from the sidecar's own (127.0.0.1).
+ */
+export function useLocalAddress(localAddress) {
+    NodeXMLHttpRequest.nodejsSet({ httpAgent: new http.Agent({ keepAlive: true, localAddress }) });
 }
 
 let installed = false;
