@@ -21,13 +21,20 @@ const maxDepth = 64
 // errBadBody is wrapped by every reason a body is refused.
 var errBadBody = errors.New("bad BOSH body")
 
+// bodyInfo is what the sidecar needs to know of a request body to route it.
+type bodyInfo struct {
+	SID       string // empty when the request opens a session
+	Terminate bool   // type='terminate': the client ends its session
+}
+
 // checkBody verifies, before anything reaches ejabberd, that b is one
 // well-formed XML document whose root is a BOSH <body/>. It refuses DTDs
 // (and so entity expansion), processing instructions other than the XML
 // declaration, undefined entities and excessive nesting.
-func checkBody(b []byte) error {
+func checkBody(b []byte) (bodyInfo, error) {
+	var info bodyInfo
 	if len(bytes.TrimSpace(b)) == 0 {
-		return fmt.Errorf("%w: empty", errBadBody)
+		return info, fmt.Errorf("%w: empty", errBadBody)
 	}
 	d := xml.NewDecoder(bytes.NewReader(b))
 	d.Strict = true
@@ -38,40 +45,42 @@ func checkBody(b []byte) error {
 			break
 		}
 		if err != nil {
-			return fmt.Errorf("%w: %v", errBadBody, err)
+			return info, fmt.Errorf("%w: %v", errBadBody, err)
 		}
 		switch t := tok.(type) {
 		case xml.StartElement:
 			if depth == 0 {
 				roots++
 				if roots > 1 {
-					return fmt.Errorf("%w: more than one root element", errBadBody)
+					return info, fmt.Errorf("%w: more than one root element", errBadBody)
 				}
 				if t.Name.Local != "body" || t.Name.Space != NS {
-					return fmt.Errorf("%w: root is not <body xmlns='%s'/>", errBadBody, NS)
+					return info, fmt.Errorf("%w: root is not <body xmlns='%s'/>", errBadBody, NS)
 				}
+				info.SID = attrValue(t, "sid")
+				info.Terminate = attrValue(t, "type") == "terminate"
 			}
 			if depth++; depth > maxDepth {
-				return fmt.Errorf("%w: nested deeper than %d", errBadBody, maxDepth)
+				return info, fmt.Errorf("%w: nested deeper than %d", errBadBody, maxDepth)
 			}
 		case xml.EndElement:
 			depth--
 		case xml.Directive:
-			return fmt.Errorf("%w: DTDs and directives are not allowed", errBadBody)
+			return info, fmt.Errorf("%w: DTDs and directives are not allowed", errBadBody)
 		case xml.ProcInst:
 			if t.Target != "xml" {
-				return fmt.Errorf("%w: processing instructions are not allowed", errBadBody)
+				return info, fmt.Errorf("%w: processing instructions are not allowed", errBadBody)
 			}
 		case xml.CharData:
 			if depth == 0 && len(bytes.TrimSpace(t)) > 0 {
-				return fmt.Errorf("%w: text outside <body/>", errBadBody)
+				return info, fmt.Errorf("%w: text outside <body/>", errBadBody)
 			}
 		}
 	}
 	if roots == 0 {
-		return fmt.Errorf("%w: no <body/> element", errBadBody)
+		return info, fmt.Errorf("%w: no <body/> element", errBadBody)
 	}
-	return nil
+	return info, nil
 }
 
 // isEchoedRequest reports whether ejabberd's response to req is req itself
@@ -101,6 +110,30 @@ func hasAttr(se xml.StartElement, local string) bool {
 		}
 	}
 	return false
+}
+
+func attrValue(se xml.StartElement, local string) string {
+	for _, a := range se.Attr {
+		if a.Name.Space == "" && a.Name.Local == local {
+			return a.Value
+		}
+	}
+	return ""
+}
+
+// responseRoot reads the attributes of a response's root <body/>: the sid
+// of a session just opened, and whether ejabberd ended the session.
+func responseRoot(resp []byte) (sid string, terminate bool) {
+	d := xml.NewDecoder(bytes.NewReader(resp))
+	for {
+		tok, err := d.RawToken()
+		if err != nil {
+			return "", false
+		}
+		if se, ok := tok.(xml.StartElement); ok {
+			return attrValue(se, "sid"), attrValue(se, "type") == "terminate"
+		}
+	}
 }
 
 // canonicalChildren returns a document's root element and a canonical

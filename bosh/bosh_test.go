@@ -3,10 +3,13 @@ package bosh
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
+	"regexp"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,7 +26,7 @@ func TestCheckBody(t *testing.T) {
 		`<?xml version='1.0'?><body xmlns='http://jabber.org/protocol/httpbind' sid='x' rid='2'><message xmlns='jabber:client' to='b@x'><body>&lt;&amp;&gt; ünï</body></message></body>`,
 	}
 	for _, b := range good {
-		if err := checkBody([]byte(b)); err != nil {
+		if _, err := checkBody([]byte(b)); err != nil {
 			t.Errorf("refused %q: %v", b, err)
 		}
 	}
@@ -43,7 +46,7 @@ func TestCheckBody(t *testing.T) {
 		"mismatched tags": `<body xmlns='http://jabber.org/protocol/httpbind'><a></b></body>`,
 	}
 	for name, b := range bad {
-		if err := checkBody([]byte(b)); err == nil {
+		if _, err := checkBody([]byte(b)); err == nil {
 			t.Errorf("%s: accepted %q", name, b)
 		}
 	}
@@ -52,16 +55,28 @@ func TestCheckBody(t *testing.T) {
 func FuzzCheckBody(f *testing.F) {
 	f.Add([]byte(okBody))
 	f.Add([]byte(`<body xmlns='http://jabber.org/protocol/httpbind'><a>&amp;</a></body>`))
-	f.Fuzz(func(t *testing.T, b []byte) { _ = checkBody(b) })
+	f.Fuzz(func(t *testing.T, b []byte) { _, _ = checkBody(b) })
 }
 
 // recordingBackend stands in for ejabberd in unit tests; the integration
 // tests in test/ use the real one.
 type recordingBackend struct {
-	mu    sync.Mutex
-	reqs  []etf.BOSHRequest
-	block chan struct{}
-	err   error
+	mu       sync.Mutex
+	name     string
+	reqs     []etf.BOSHRequest
+	block    chan struct{}
+	err      error
+	detached atomic.Bool
+	sids     atomic.Int64
+}
+
+func (b *recordingBackend) Peer() string   { return b.name }
+func (b *recordingBackend) Attached() bool { return !b.detached.Load() }
+
+func (b *recordingBackend) count() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.reqs)
 }
 
 func (b *recordingBackend) ProcessBOSH(ctx context.Context, req etf.BOSHRequest) (etf.BOSHResponse, error) {
@@ -78,22 +93,35 @@ func (b *recordingBackend) ProcessBOSH(ctx context.Context, req etf.BOSHRequest)
 	if b.err != nil {
 		return etf.BOSHResponse{}, b.err
 	}
+	body := "<body xmlns='" + NS + "'/>"
+	if info, _ := checkBody(req.Body); info.SID == "" {
+		// A new session: answer with a sid that names this node.
+		body = fmt.Sprintf("<body xmlns='%s' sid='%s-%d'/>", NS, b.name, b.sids.Add(1))
+	} else if info.Terminate {
+		body = "<body xmlns='" + NS + "' type='terminate'/>"
+	}
 	return etf.BOSHResponse{ConnID: req.ConnID, ReqID: req.ReqID, Status: 200, Reason: "OK",
 		Headers: []etf.Header{{Name: "Content-Type", Value: "text/xml; charset=utf-8"}},
-		Body:    []byte("<body xmlns='" + NS + "'/>")}, nil
+		Body:    []byte(body)}, nil
 }
 
-func serve(t *testing.T, backend Backend) string {
+func serve(t *testing.T, nodes ...Node) string {
+	t.Helper()
+	url, _ := serveHandler(t, nodes...)
+	return url
+}
+
+func serveHandler(t *testing.T, nodes ...Node) (string, *Handler) {
 	t.Helper()
 	lis, err := sockets.Listen("127.0.0.1:0", &sockets.IDs{}, sockets.Limits{}, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := NewHandler(Config{MaxBodyBytes: 1024, MaxWait: 2 * time.Second}, backend)
+	h := NewHandler(Config{MaxBodyBytes: 1024, MaxWait: 2 * time.Second}, nodes...)
 	srv := &http.Server{Handler: h, ConnContext: sockets.WithConn}
 	go srv.Serve(lis)
 	t.Cleanup(func() { srv.Close() })
-	return "http://" + lis.Addr().String() + "/bosh"
+	return "http://" + lis.Addr().String() + "/bosh", h
 }
 
 func post(t *testing.T, url, body string) (*http.Response, string) {
@@ -208,5 +236,49 @@ func TestIsEchoedRequest(t *testing.T) {
 	// An empty re-sent poll echoed is an empty answer either way.
 	if !isEchoedRequest([]byte(poll), []byte(`<body xmlns='http://jabber.org/protocol/httpbind' rid='18' sid='abc'/>`)) {
 		t.Error("echoed empty poll not recognised")
+	}
+}
+
+// A cluster: new sessions alternate between attached nodes, every later
+// request of a session goes to its owner, a detached node gets no new
+// sessions, and a terminated session is forgotten.
+func TestRouterPlacesAndPinsSessions(t *testing.T) {
+	a, b := &recordingBackend{name: "a"}, &recordingBackend{name: "b"}
+	url, h := serveHandler(t, a, b)
+	sidRE := regexp.MustCompile(`sid='([^']+)'`)
+	var sids []string
+	for i := 0; i < 4; i++ {
+		_, body := post(t, url, okBody)
+		m := sidRE.FindStringSubmatch(body)
+		if m == nil {
+			t.Fatalf("no sid in %q", body)
+		}
+		sids = append(sids, m[1])
+	}
+	if a.count() != 2 || b.count() != 2 {
+		t.Fatalf("sessions placed %d on a, %d on b; want 2 and 2", a.count(), b.count())
+	}
+	for _, sid := range sids {
+		before := map[string]int{"a": a.count(), "b": b.count()}
+		post(t, url, fmt.Sprintf("<body xmlns='%s' sid='%s' rid='2'/>", NS, sid))
+		owner := sid[:1]
+		after := map[string]int{"a": a.count(), "b": b.count()}
+		if after[owner] != before[owner]+1 {
+			t.Errorf("request of session %s did not go to node %s", sid, owner)
+		}
+	}
+	b.detached.Store(true)
+	for i := 0; i < 3; i++ {
+		post(t, url, okBody)
+	}
+	if b.count() != 4 {
+		t.Errorf("a detached node got new sessions (%d requests)", b.count())
+	}
+	if got := h.Sessions(); got["a"] != 5 || got["b"] != 2 {
+		t.Errorf("sessions by node %v, want a:5 b:2", got)
+	}
+	post(t, url, fmt.Sprintf("<body xmlns='%s' sid='%s' rid='3' type='terminate'/>", NS, sids[0]))
+	if got := h.Sessions(); got["a"]+got["b"] != 6 {
+		t.Errorf("terminated session still routed: %v", got)
 	}
 }

@@ -20,7 +20,7 @@ import (
 	"go.uber.org/zap"
 )
 
-// Backend runs a BOSH request in ejabberd and returns its answer.
+// Backend runs a BOSH request in one ejabberd node and returns its answer.
 type Backend interface {
 	ProcessBOSH(ctx context.Context, req etf.BOSHRequest) (etf.BOSHResponse, error)
 }
@@ -47,16 +47,17 @@ type Stats struct {
 
 // Handler serves BOSH over HTTP.
 type Handler struct {
-	cfg     Config
-	backend Backend
-	log     *zap.Logger
+	cfg    Config
+	router *router
+	log    *zap.Logger
 	reqIDs  atomic.Uint64
 
 	requests, forwarded, refused, failed, cancelled, echoes atomic.Uint64
 }
 
-// NewHandler returns a BOSH front that forwards to backend.
-func NewHandler(cfg Config, backend Backend) *Handler {
+// NewHandler returns a BOSH front that forwards to the given ejabberd
+// nodes: one, or the nodes of a cluster.
+func NewHandler(cfg Config, nodes ...Node) *Handler {
 	if cfg.MaxBodyBytes <= 0 {
 		cfg.MaxBodyBytes = 64 << 10
 	}
@@ -66,8 +67,11 @@ func NewHandler(cfg Config, backend Backend) *Handler {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	return &Handler{cfg: cfg, backend: backend, log: cfg.Logger}
+	return &Handler{cfg: cfg, router: newRouter(nodes), log: cfg.Logger}
 }
+
+// Sessions returns how many BOSH sessions the front routes to each node.
+func (h *Handler) Sessions() map[string]int { return h.router.sessions() }
 
 // Stats returns the front's counters.
 func (h *Handler) Stats() Stats {
@@ -126,7 +130,8 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 		h.refuse(w, http.StatusBadRequest, "could not read the request body")
 		return
 	}
-	if err := checkBody(body); err != nil {
+	info, err := checkBody(body)
+	if err != nil {
 		h.refuse(w, http.StatusBadRequest, err.Error())
 		return
 	}
@@ -139,7 +144,7 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), h.cfg.MaxWait)
 	defer cancel()
 	h.forwarded.Add(1)
-	resp, err := h.backend.ProcessBOSH(ctx, req)
+	resp, err := h.router.route(ctx, req, info)
 	switch {
 	case err == nil:
 		if resp.Status == http.StatusOK && isEchoedRequest(body, resp.Body) {

@@ -87,6 +87,13 @@ func (n *Node) Attach(ctx context.Context, peer string, build string) *Attachmen
 // Peer returns the ejabberd node this attachment serves.
 func (a *Attachment) Peer() string { return a.peer }
 
+// Attached reports whether the shim session is up right now.
+func (a *Attachment) Attached() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cur != nil
+}
+
 // State returns a snapshot for status reports.
 func (a *Attachment) State() AttachmentState {
 	a.mu.Lock()

@@ -72,7 +72,7 @@ func main() {
 func parseFlags(args []string) (options, error) {
 	var o options
 	fs := flag.NewFlagSet("megaphone", flag.ContinueOnError)
-	fs.Func("node", "ejabberd node to attach to, e.g. ejabberd@localhost (required)", func(s string) error {
+	fs.Func("node", "ejabberd node to attach to, e.g. ejabberd@localhost (required; repeat it for each node of a cluster)", func(s string) error {
 		o.nodes = append(o.nodes, s)
 		return nil
 	})
@@ -95,9 +95,6 @@ func parseFlags(args []string) (options, error) {
 	}
 	if len(o.nodes) == 0 {
 		return o, errors.New("--node is required")
-	}
-	if len(o.nodes) > 1 {
-		return o, errors.New("one --node for now: cluster support is not built yet")
 	}
 	if o.name == "" {
 		_, host, _ := strings.Cut(o.nodes[0], "@")
@@ -139,14 +136,19 @@ func run(ctx context.Context, o options, log *zap.Logger) error {
 		zap.Strings("ejabberd", o.nodes), zap.Stringer("pid", n.Self()))
 	attachCtx, stopAttach := context.WithCancel(context.Background())
 	defer stopAttach()
-	attachment := n.Attach(attachCtx, o.nodes[0], version)
+	// One attachment per ejabberd node; the BOSH front spreads new sessions
+	// over those attached and pins each session to its node.
+	var nodes []bosh.Node
+	for _, peer := range o.nodes {
+		nodes = append(nodes, n.Attach(attachCtx, peer, version))
+	}
 
 	ids := &sockets.IDs{}
 	lis, err := sockets.Listen(o.boshAddr, ids, sockets.Limits{MaxConns: o.maxConns, MaxConnsPerIP: o.maxConnsPerIP}, log)
 	if err != nil {
 		return fmt.Errorf("BOSH listener: %w", err)
 	}
-	front := bosh.NewHandler(bosh.Config{MaxBodyBytes: o.maxBody, MaxWait: o.maxWait, Logger: log}, attachment)
+	front := bosh.NewHandler(bosh.Config{MaxBodyBytes: o.maxBody, MaxWait: o.maxWait, Logger: log}, nodes...)
 	mux := http.NewServeMux()
 	for _, p := range strings.Split(o.boshPaths, ",") {
 		if p = strings.TrimSpace(p); p != "" {

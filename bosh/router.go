@@ -1,0 +1,147 @@
+package bosh
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/megaphone-im/megaphone/etf"
+)
+
+// Node is one ejabberd node the front can send requests to (in practice a
+// node.Attachment).
+type Node interface {
+	Backend
+	// Peer names the node, for logs and status.
+	Peer() string
+	// Attached reports whether the node can take a request right now.
+	Attached() bool
+}
+
+// errNoNode means no ejabberd node is attached at all.
+var errNoNode = errors.New("no ejabberd node attached")
+
+// sessionTTL is how long the router remembers which node owns a session it
+// has not heard from. It must exceed the longest BOSH inactivity plus wait
+// ejabberd allows; a forgotten session still works (see route), it only
+// loses its direct route.
+const sessionTTL = 15 * time.Minute
+
+// router places new BOSH sessions across the attached ejabberd nodes and
+// sends every later request of a session to the node that owns it, so a
+// cluster behaves as one server and a node that goes down takes only its
+// own sessions with it.
+type router struct {
+	nodes []Node
+	next  atomic.Uint64
+
+	mu     sync.Mutex
+	owners map[string]owner // by sid
+	sweeps int
+}
+
+type owner struct {
+	node     int
+	lastSeen time.Time
+}
+
+func newRouter(nodes []Node) *router {
+	return &router{nodes: nodes, owners: make(map[string]owner)}
+}
+
+// route forwards one request and learns from the answer.
+func (r *router) route(ctx context.Context, req etf.BOSHRequest, info bodyInfo) (etf.BOSHResponse, error) {
+	i, err := r.pick(ctx, info.SID)
+	if err != nil {
+		return etf.BOSHResponse{}, err
+	}
+	resp, err := r.nodes[i].ProcessBOSH(ctx, req)
+	if err != nil {
+		return resp, err
+	}
+	sid, terminate := responseRoot(resp.Body)
+	switch {
+	case info.Terminate || terminate:
+		r.forget(info.SID)
+	case info.SID == "" && sid != "":
+		r.remember(sid, i)
+	case info.SID != "":
+		r.remember(info.SID, i)
+	}
+	return resp, nil
+}
+
+// pick chooses the node for a request: the owner of its session if known;
+// otherwise (a new session, or one opened before this sidecar started) the
+// next attached node in turn. ejabberd keeps BOSH sessions in a
+// cluster-wide table, so any node finds a session it does not own.
+func (r *router) pick(ctx context.Context, sid string) (int, error) {
+	if sid != "" {
+		r.mu.Lock()
+		o, ok := r.owners[sid]
+		r.mu.Unlock()
+		if ok {
+			return o.node, nil
+		}
+	}
+	if len(r.nodes) == 1 {
+		return 0, nil // its own attachment waits for it to come back
+	}
+	// Bounded: a few passes over the nodes while they re-attach.
+	for attempt := 0; attempt < 50; attempt++ {
+		start := int(r.next.Add(1))
+		for k := range r.nodes {
+			i := (start + k) % len(r.nodes)
+			if r.nodes[i].Attached() {
+				return i, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return 0, errNoNode
+}
+
+func (r *router) remember(sid string, node int) {
+	now := time.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.owners[sid] = owner{node: node, lastSeen: now}
+	// Sessions that end by inactivity never say so: sweep now and then.
+	if r.sweeps++; r.sweeps >= 1024 {
+		r.sweeps = 0
+		for s, o := range r.owners {
+			if now.Sub(o.lastSeen) > sessionTTL {
+				delete(r.owners, s)
+			}
+		}
+	}
+}
+
+func (r *router) forget(sid string) {
+	if sid == "" {
+		return
+	}
+	r.mu.Lock()
+	delete(r.owners, sid)
+	r.mu.Unlock()
+}
+
+// sessions returns how many sessions each node owns, by peer name.
+func (r *router) sessions() map[string]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[string]int, len(r.nodes))
+	for _, n := range r.nodes {
+		out[n.Peer()] += 0
+	}
+	for _, o := range r.owners {
+		out[r.nodes[o.node].Peer()]++
+	}
+	return out
+}
