@@ -38,10 +38,12 @@ type Options struct {
 	// Name is the node name prefix; the node is Name+"_"+random@localhost.
 	// Default "ejtest".
 	Name string
-	// Dir is the instance directory (config, cookie, spool/, logs/). If
-	// empty a new temporary directory is created and removed by Stop unless
-	// KeepDir is set. A non-empty Dir is never removed. Reusing the Dir of a
-	// stopped instance reuses its node name, so the Mnesia spool stays valid.
+	// Dir is the instance directory (config, cookie, spool/, logs/), a
+	// path on this machine that the node can see through its Runner. If
+	// empty a new temporary directory is created (in the Runner's /tmp) and
+	// removed by Stop unless KeepDir is set. A non-empty Dir is never
+	// removed. Reusing the Dir of a stopped instance reuses its node name,
+	// so the Mnesia spool stays valid.
 	Dir string
 	// KeepDir keeps a temporary Dir after Stop (for post-mortems).
 	KeepDir bool
@@ -74,8 +76,8 @@ type Options struct {
 // Ejabberd is a running (or stopped) private ejabberd node.
 type Ejabberd struct {
 	Node       string // e.g. "ejtest_ab12cd34@localhost"
-	Dir        string // instance dir (host path)
-	CookieFile string // Dir/.erlang.cookie, mode 0400
+	Dir        string // instance dir (host path; the node sees Runner.NodePath(Dir))
+	CookieFile string // Dir/.erlang.cookie, mode 0400 (host path: what the sidecar reads)
 	C2SPort    int    // ejabberd_c2s on 127.0.0.1, plain XMPP (no STARTTLS offered)
 	HTTPPort   int    // ejabberd_http on 127.0.0.1: /bosh (mod_bosh), /ws (ejabberd_http_ws)
 	Pid        int    // PID of the node's OS process (beam.smp; erl execs it)
@@ -164,7 +166,9 @@ func Start(ctx context.Context, opts Options) (*Ejabberd, error) {
 		keepDir: opts.KeepDir,
 	}
 	if opts.Dir == "" {
-		d, err := os.MkdirTemp("", "megaphone-ejabberd-")
+		// Behind a chroot the node must see its own directory: it goes
+		// in the target's /tmp.
+		d, err := os.MkdirTemp(tempBase(opts.Runner), "megaphone-ejabberd-")
 		if err != nil {
 			return nil, fmt.Errorf("harness: %w", err)
 		}

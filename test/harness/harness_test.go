@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -27,16 +26,39 @@ func testLog() io.Writer {
 	return nil
 }
 
+// testTargets returns the targets to run on (see Targets): a missing
+// Debian 13 chroot fails the test when MEGAPHONE_REQUIRE_TRIXIE=1.
+func testTargets(t *testing.T) []Target {
+	t.Helper()
+	ts, err := Targets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ts
+}
+
+// TestEjabberd runs the whole Start/Eval/Register/Shell/LoadShim/Stop
+// cycle on every target, the Debian 13 chroot included.
 func TestEjabberd(t *testing.T) {
 	t.Parallel()
-	if _, err := FindEjabberd(nil); err != nil {
+	for _, tg := range testTargets(t) {
+		t.Run(tg.Name, func(t *testing.T) {
+			t.Parallel()
+			testEjabberd(t, tg)
+		})
+	}
+}
+
+func testEjabberd(t *testing.T, tg Target) {
+	if _, err := FindEjabberd(tg.Runner); err != nil {
 		t.Skip(err)
 	}
+	t.Logf("target %s: %s", tg.Name, tg.Desc)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
 	t0 := time.Now()
-	e, err := Start(ctx, Options{Name: "ejtest", Log: testLog()})
+	e, err := Start(ctx, tg.Options(Options{Name: "ejtest", Log: testLog()}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,7 +157,13 @@ func TestEjabberd(t *testing.T) {
 		// A stand-in application named megaphone with the operator's entry
 		// point, megaphone:start/0, made up on the fly: the real shim is
 		// tested in test/.
-		ebin := filepath.Join(t.TempDir(), "ebin")
+		// Built inside the target, by its own erlc.
+		dir, err := tg.TempDir("harness-dummy-shim-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer os.RemoveAll(dir)
+		ebin := filepath.Join(dir, "ebin")
 		if err := os.MkdirAll(ebin, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -143,15 +171,17 @@ func TestEjabberd(t *testing.T) {
 		if err := os.WriteFile(filepath.Join(ebin, "megaphone.app"), []byte(app), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		src := filepath.Join(t.TempDir(), "megaphone.erl")
+		src := filepath.Join(dir, "megaphone.erl")
 		mod := "-module(megaphone).\n-export([start/0]).\nstart() -> {ok, _} = application:ensure_all_started(megaphone), started_dummy.\n"
 		if err := os.WriteFile(src, []byte(mod), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		if out, err := exec.Command("erlc", "-o", ebin, src).CombinedOutput(); err != nil {
+		np := tg.Runner.NodePath
+		erlc := tg.Runner.Command(tg.Erlc, baseEnv(np(dir)), "-o", np(ebin), np(src))
+		if out, err := erlc.CombinedOutput(); err != nil {
 			t.Fatalf("erlc: %v\n%s", err, out)
 		}
-		out, err := e.LoadShim(ctx, ebin)
+		out, err := e.LoadShim(ctx, np(ebin))
 		t.Logf("LoadShim transcript:\n%s", out)
 		if err != nil {
 			t.Fatal(err)
