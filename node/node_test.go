@@ -1,6 +1,8 @@
 package node
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -8,12 +10,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/megaphone-im/megaphone/etf"
+	"github.com/megaphone-im/megaphone/test/harness"
 	"go.uber.org/zap/zaptest"
 )
 
@@ -105,49 +109,133 @@ func tagged(tag etf.Atom) func(etf.Term) bool {
 	}
 }
 
-func startPeer(t *testing.T) (peer, cookie string) {
+// peerTargets returns every Erlang/OTP this machine can run a peer on: the
+// host's, and the Debian 13 chroot's (OTP 27) when it is built. With
+// MEGAPHONE_REQUIRE_TRIXIE=1 a missing chroot fails the test.
+func peerTargets(t *testing.T) []harness.Target {
 	t.Helper()
-	if _, err := exec.LookPath("erl"); err != nil {
-		t.Skip("erl not installed; run make deps")
-	}
-	dir := t.TempDir()
-	b := make([]byte, 12)
-	rand.Read(b)
-	cookie = hex.EncodeToString(b)
-	if err := os.WriteFile(filepath.Join(dir, ".erlang.cookie"), []byte(cookie), 0o400); err != nil {
+	ts, err := harness.Targets()
+	if err != nil {
 		t.Fatal(err)
 	}
-	peer = "nodetest_" + hex.EncodeToString(b[:4]) + "@localhost"
-	cmd := exec.Command("erl", "-sname", peer, "-noinput", "-eval", peerProgram)
-	cmd.Env = append(os.Environ(), "HOME="+dir)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	out, _ := cmd.StdoutPipe()
+	return ts
+}
+
+// forEachPeer runs f as a subtest per target.
+func forEachPeer(t *testing.T, f func(t *testing.T, tg harness.Target)) {
+	for _, tg := range peerTargets(t) {
+		t.Run(tg.Name, func(t *testing.T) {
+			t.Logf("peer on %s", tg.Desc)
+			f(t, tg)
+		})
+	}
+}
+
+// peerNode is a real Erlang node running peerProgram.
+type peerNode struct {
+	name, cookie string
+	mu           sync.Mutex
+	out          bytes.Buffer // the node's stdout and stderr
+}
+
+func (p *peerNode) output() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.out.String()
+}
+
+// Write collects the node's output (stdout and stderr).
+func (p *peerNode) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.out.Write(b)
+}
+
+// refusals are what OTP prints when it rejects something we sent: a
+// handshake without a flag it needs ("cannot handle"), or a control message
+// it does not accept ("malformed", "invalid").
+var refusals = regexp.MustCompile(`(?i)cannot handle|malformed|invalid (distribution|control)|bad control|corrupt`)
+
+// checkQuiet fails t if the peer logged a refusal of anything we sent.
+func (p *peerNode) checkQuiet(t *testing.T) {
+	t.Helper()
+	if out := p.output(); refusals.MatchString(out) {
+		t.Errorf("the peer complained about us:\n%s", out)
+	}
+}
+
+func startPeer(t *testing.T, tg harness.Target) *peerNode {
+	t.Helper()
+	if tg.Root == "" {
+		if _, err := exec.LookPath(tg.Erl); err != nil {
+			t.Skip("erl not installed; run make deps")
+		}
+	}
+	// The node reads $HOME/.erlang.cookie, so HOME must be inside its root.
+	dir, err := tg.TempDir("nodetest-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	b := make([]byte, 12)
+	rand.Read(b)
+	p := &peerNode{cookie: hex.EncodeToString(b)}
+	if err := os.WriteFile(filepath.Join(dir, ".erlang.cookie"), []byte(p.cookie), 0o400); err != nil {
+		t.Fatal(err)
+	}
+	p.name = "nodetest_" + hex.EncodeToString(b[:4]) + "@localhost"
+	env := []string{"PATH=" + os.Getenv("PATH"), "HOME=" + tg.Runner.NodePath(dir), "ERL_EPMD_ADDRESS=127.0.0.1"}
+	cmd := tg.Runner.Command(tg.Erl, env, "-sname", p.name, "-noinput",
+		"-kernel", "inet_dist_use_interface", "{127,0,0,1}", "-eval", peerProgram)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = p
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
 	ready := make(chan struct{})
+	copied := make(chan struct{})
 	go func() {
-		buf := make([]byte, 64)
-		n, _ := out.Read(buf)
-		if n > 0 {
-			close(ready)
+		defer close(copied)
+		sc := bufio.NewScanner(out)
+		once := sync.Once{}
+		for sc.Scan() {
+			p.Write(append(sc.Bytes(), '\n'))
+			if sc.Text() == "ready" {
+				once.Do(func() { close(ready) })
+			}
 		}
 	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		select {
+		case <-copied:
+		case <-time.After(5 * time.Second):
+		}
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("peer %s output:\n%s", p.name, p.output())
+		}
+	})
 	select {
 	case <-ready:
+	case <-copied:
+		t.Fatalf("erl exited before it was ready:\n%s", p.output())
 	case <-time.After(30 * time.Second):
-		t.Fatal("erl did not start")
+		t.Fatalf("erl did not start:\n%s", p.output())
 	}
-	return peer, cookie
+	return p
 }
 
-func TestRealDistributionLink(t *testing.T) {
-	peer, cookie := startPeer(t)
-	n, err := New(Config{Name: "megaphone_test@localhost", Cookie: cookie, Logger: zaptest.NewLogger(t)})
+func TestRealDistributionLink(t *testing.T) { forEachPeer(t, testRealDistributionLink) }
+
+func testRealDistributionLink(t *testing.T, tg harness.Target) {
+	p := startPeer(t, tg)
+	peer := p.name
+	n, err := New(Config{Name: "megaphone_test@localhost", Cookie: p.cookie, Logger: zaptest.NewLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,15 +305,19 @@ func TestRealDistributionLink(t *testing.T) {
 		t.Fatalf("link went down: %v", link.Err())
 	default:
 	}
-	fmt.Fprintln(os.Stderr, "link stats (sent, received):", func() string { s, r := link.Stats(); return fmt.Sprint(s, r) }())
+	sent, received := link.Stats()
+	t.Logf("link stats: %d sent, %d received", sent, received)
+	p.checkQuiet(t)
 }
 
-func TestWrongCookieIsRefused(t *testing.T) {
-	peer, _ := startPeer(t)
+func TestWrongCookieIsRefused(t *testing.T) { forEachPeer(t, testWrongCookieIsRefused) }
+
+func testWrongCookieIsRefused(t *testing.T, tg harness.Target) {
+	p := startPeer(t, tg)
 	n, _ := New(Config{Name: "megaphone_bad@localhost", Cookie: "wrong", Logger: zaptest.NewLogger(t)})
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	if _, err := n.Dial(ctx, peer, func(*Link, Delivery) {}); err == nil {
+	if _, err := n.Dial(ctx, p.name, func(*Link, Delivery) {}); err == nil {
 		t.Fatal("dial with a wrong cookie succeeded")
 	}
 }
