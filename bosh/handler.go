@@ -164,7 +164,9 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 	default:
 		// ejabberd is unreachable: XEP-0124 says so with a terminate.
 		h.failed.Add(1)
-		h.log.Warn("BOSH request failed", zap.Uint64("conn", conn.ID), zap.Error(err))
+		// Debug only: the attachment logs the outage once; a line per
+		// request would flood the log while ejabberd is down.
+		h.log.Debug("BOSH request failed", zap.Uint64("conn", conn.ID), zap.Error(err))
 		h.terminate(w, "remote-connection-failed")
 	}
 }

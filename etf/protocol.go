@@ -121,6 +121,14 @@ func PeerTerm(ap netip.AddrPort) Term {
 	return Tuple{ip, int(ap.Port())}
 }
 
+// Down is the 'DOWN' message of a monitor the sidecar set on a shim
+// process: {'DOWN', Ref, process, Pid, Reason}.
+type Down struct {
+	Ref    Ref
+	Pid    Pid
+	Reason Term
+}
+
 // ErrNotProtocol reports a term that is no message of the bridge protocol.
 var ErrNotProtocol = errors.New("etf: not a bridge protocol message")
 
@@ -134,6 +142,13 @@ func ParseShimMessage(t Term) (any, error) {
 	}
 	tag, _ := tup[0].(Atom)
 	switch {
+	case tag == "DOWN" && len(tup) == 5:
+		ref, ok1 := tup[1].(Ref)
+		pid, ok2 := tup[3].(Pid)
+		if !ok1 || !ok2 {
+			return nil, fmt.Errorf("%w: malformed DOWN", ErrNotProtocol)
+		}
+		return Down{Ref: ref, Pid: pid, Reason: tup[4]}, nil
 	case tag == atomBOSHResponse && len(tup) == 7:
 		return parseBOSHResponse(tup)
 	case tag == atomWelcome && len(tup) == 4:

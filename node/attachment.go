@@ -183,6 +183,12 @@ func (a *Attachment) handle(welcome chan<- any) Handler {
 			return
 		}
 		switch m := msg.(type) {
+		case etf.Down:
+			// The shim's session process ended (the shim was stopped or
+			// reloaded) while the node stays up. Dropping the link fails
+			// every request in flight at once and starts a fresh hello.
+			a.log.Warn("the shim's session ended; re-attaching", zap.Any("reason", m.Reason))
+			l.Close()
 		case etf.BOSHResponse:
 			a.mu.Lock()
 			ch := a.pending[m.ReqID]
@@ -252,6 +258,11 @@ func (a *Attachment) attachOnce(ctx context.Context, backoff *backoff) error {
 			etf.ListenerName, a.peer)
 	case <-ctx.Done():
 		return ctx.Err()
+	}
+	// Watch the session process: if the shim goes away without the node
+	// going down, requests waiting on it must not hang.
+	if _, err := link.Monitor(w.Session); err != nil {
+		return err
 	}
 	a.setAttached(&session{link: link, shim: w.Session, version: w.Version}, w)
 	backoff.reset()

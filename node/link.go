@@ -299,8 +299,12 @@ func (l *Link) dispatch(frame []byte) error {
 		// exit/2 aimed at the sidecar: noted, never fatal to the link or
 		// to the client connections it carries.
 		l.log.Info("exit signal from peer ignored", zap.Any("from", ctl[1]))
-	case op == opMonitorPExit, op == opPayloadMonitorPX, op == opGroupLeader:
-		// We set no monitors and keep no group leader.
+	case op == opMonitorPExit && len(ctl) == 5:
+		l.monitorFired(ctl[1], ctl[2], ctl[3], ctl[4])
+	case op == opPayloadMonitorPX && len(ctl) == 4:
+		l.monitorFired(ctl[1], ctl[2], ctl[3], payload)
+	case op == opGroupLeader:
+		// The sidecar does no I/O through Erlang: no group leader to keep.
 	default:
 		l.log.Debug("unknown control message ignored", zap.Int64("op", op))
 	}
@@ -392,6 +396,28 @@ func (l *Link) onMonitor(ctl etf.Tuple) error {
 	l.monitors[ref.String()] = monitorEntry{from: from, ref: ref}
 	l.stateMu.Unlock()
 	return nil
+}
+
+// Monitor asks the peer to tell us when the process pid ends: the handler
+// then gets {'DOWN', Ref, process, Pid, Reason}, as an Erlang process
+// would. It also fires, with reason noproc, if pid is already gone. If the
+// link itself drops, Done says so instead.
+func (l *Link) Monitor(pid etf.Pid) (etf.Ref, error) {
+	ref := l.node.makeRef()
+	if err := l.writeMessage(etf.Tuple{opMonitorP, l.node.self, pid, ref}, nil); err != nil {
+		return etf.Ref{}, err
+	}
+	return ref, nil
+}
+
+// monitorFired turns MONITOR_P_EXIT into the 'DOWN' message Erlang would
+// put in the monitoring process's mailbox.
+func (l *Link) monitorFired(from, to, ref, reason etf.Term) {
+	pid, ok := to.(etf.Pid)
+	if !ok || pid != l.node.self {
+		return
+	}
+	l.handler(l, Delivery{To: pid, Msg: etf.Tuple{etf.Atom("DOWN"), ref, etf.Atom("process"), from, reason}})
 }
 
 // Watchers returns how many peer processes link to or monitor the sidecar.

@@ -16,6 +16,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/megaphone-im/megaphone/etf"
@@ -46,6 +47,13 @@ type Node struct {
 	creation uint32
 	self     etf.Pid
 	log      *zap.Logger
+	refs     atomic.Uint64
+}
+
+// makeRef returns a reference unique for this run of the node.
+func (n *Node) makeRef() etf.Ref {
+	id := n.refs.Add(1)
+	return etf.Ref{Node: n.name, Creation: n.creation, IDs: []uint32{uint32(id & 0x3ffff), uint32(id >> 18), 0}}
 }
 
 // New creates the node. Each sidecar run gets a fresh random creation, so

@@ -63,6 +63,9 @@ type Options struct {
 	// Runner builds every erl command (server, Eval probes, Shell).
 	// Default HostRunner. See PrefixRunner for chroot-style setups.
 	Runner Runner
+	// Cookie, if set, is written to the instance's cookie file instead of a
+	// random one: the nodes of one cluster must share it.
+	Cookie string
 	// StartTimeout bounds Start (in addition to its ctx). Default 30s.
 	StartTimeout time.Duration
 	// C2SPort and HTTPPort fix ejabberd's own listeners' ports (make run
@@ -244,7 +247,11 @@ func (e *Ejabberd) prepareDir(opts Options) error {
 		if err != nil {
 			return fmt.Errorf("harness: cookie: %w", err)
 		}
-		_, werr := f.WriteString(randCookie())
+		cookie := opts.Cookie
+		if cookie == "" {
+			cookie = randCookie()
+		}
+		_, werr := f.WriteString(cookie)
 		if cerr := f.Close(); werr == nil {
 			werr = cerr
 		}

@@ -1,0 +1,175 @@
+#!/usr/bin/env node
+// Many real Strophe.js BOSH sessions at once, for cluster and restart tests.
+//
+// Logs in --users users (PREFIX1..PREFIXn@HOST), prints READY on stdout once
+// every login has finished, then each logged-in user sends a numbered message
+// to its own full JID every --interval-ms for --duration seconds and checks
+// that they come back in order. The Go test stops an ejabberd node meanwhile.
+// At the end each user is one of:
+//   alive       still connected, and still receiving its messages
+//   terminated  the server ended its session (with the condition Strophe saw)
+//   hung        still "connected" but nothing received for --hung-after s
+// One JSON line on stdout reports the counts; exit 0 unless something broke
+// the client itself (the Go test judges the counts).
+//
+//   node bosh_swarm.mjs --url http://127.0.0.1:5280/bosh --users 200 --password demo --duration 30
+
+import './console-to-stderr.mjs'; // must stay first
+import { parseArgs } from 'node:util';
+import { Strophe, $msg, $pres, useLocalAddress } from './node-env.mjs';
+
+const { values } = parseArgs({
+    options: {
+        url: { type: 'string' },
+        users: { type: 'string', default: '10' },
+        prefix: { type: 'string', default: 'user' },
+        host: { type: 'string', default: 'localhost' },
+        password: { type: 'string', default: process.env.DEMO_PASSWORD || 'demo' },
+        duration: { type: 'string', default: '30' },
+        'interval-ms': { type: 'string', default: '1000' },
+        'hung-after': { type: 'string', default: '5' },
+        concurrency: { type: 'string', default: '20' },
+        wait: { type: 'string', default: '20' },
+        timeout: { type: 'string', default: '180' },
+        'local-address': { type: 'string' },
+    },
+});
+const num = (k, lo, hi) => {
+    const v = Number(values[k]);
+    if (!Number.isInteger(v) || v < lo || v > hi) throw new Error(`--${k} must be an integer in ${lo}..${hi}`);
+    return v;
+};
+if (!values.url || !/^https?:\/\/(127\.\d+\.\d+\.\d+|localhost|\[::1\])[:/]/.test(values.url)) {
+    throw new Error('--url must be a loopback BOSH URL');
+}
+const opts = {
+    users: num('users', 1, 5000),
+    duration: num('duration', 1, 3600),
+    intervalMs: num('interval-ms', 50, 60000),
+    hungAfter: num('hung-after', 1, 600),
+    concurrency: num('concurrency', 1, 500),
+    wait: num('wait', 8, 300), // >= 8: see bosh_chat.mjs on Strophe's retry schedule
+    timeout: num('timeout', 10, 7200),
+};
+if (values['local-address']) useLocalAddress(values['local-address']);
+Strophe.setLogLevel(Strophe.LogLevel.FATAL);
+
+const t0 = Date.now();
+const note = (m) => process.stderr.write(`[bosh_swarm +${((Date.now() - t0) / 1000).toFixed(3)}s] ${m}\n`);
+
+class User {
+    constructor(i) {
+        this.jid = `${values.prefix}${i}@${values.host}`;
+        this.state = 'new';
+        this.condition = '';
+        this.sent = 0;
+        this.expected = 1;
+        this.received = 0;
+        this.outOfOrder = 0;
+        this.lastRxAt = 0;
+    }
+
+    login() {
+        this.conn = new Strophe.Connection(values.url);
+        return new Promise((resolve) => {
+            this.conn.connect(this.jid, values.password, (status, condition) => {
+                const S = Strophe.Status;
+                if (status === S.CONNECTED) {
+                    this.state = 'alive';
+                    this.fullJid = this.conn.jid;
+                    this.conn.addHandler((m) => this.onMessage(m), null, 'message');
+                    this.conn.send($pres());
+                    resolve();
+                } else if (status === S.CONNFAIL || status === S.AUTHFAIL || status === S.CONNTIMEOUT || status === S.ERROR) {
+                    this.condition ||= condition || Object.keys(S).find((k) => S[k] === status);
+                } else if (status === S.DISCONNECTED) {
+                    // Ended by us (closing), by the server (was alive), or never in.
+                    if (this.state === 'new') this.state = 'failed';
+                    else if (this.state === 'alive') this.state = 'terminated';
+                    else if (this.state === 'closing') this.state = 'closed';
+                    this.onDisconnected?.();
+                    resolve();
+                }
+            }, opts.wait, 1);
+        });
+    }
+
+    onMessage(m) {
+        const body = m.getElementsByTagName('body')[0];
+        const match = body && /^swarm #(\d+)$/.exec(body.textContent);
+        if (match) {
+            const n = Number(match[1]);
+            if (n !== this.expected) this.outOfOrder++;
+            this.expected = n + 1;
+            this.received++;
+            this.lastRxAt = Date.now();
+        }
+        return true;
+    }
+
+    tick() {
+        if (this.state !== 'alive') return;
+        this.sent++;
+        this.conn.send($msg({ to: this.fullJid, type: 'chat' }).c('body').t(`swarm #${this.sent}`));
+    }
+
+    logout() {
+        if (this.state !== 'alive') return Promise.resolve();
+        this.state = 'closing';
+        return new Promise((resolve) => {
+            const done = setTimeout(resolve, 5000);
+            this.onDisconnected = () => {
+                clearTimeout(done);
+                resolve();
+            };
+            this.conn.disconnect('swarm done');
+        });
+    }
+}
+
+async function main() {
+    const users = Array.from({ length: opts.users }, (_, i) => new User(i + 1));
+    // Log in with bounded concurrency.
+    let next = 0;
+    await Promise.all(Array.from({ length: Math.min(opts.concurrency, users.length) }, async () => {
+        while (next < users.length) await users[next++].login();
+    }));
+    const loggedIn = users.filter((u) => u.state === 'alive').length;
+    note(`logged in ${loggedIn}/${users.length}`);
+    process.stdout.write(`READY ${JSON.stringify({ logged_in: loggedIn, failed: users.length - loggedIn })}\n`);
+
+    const start = Date.now();
+    const timers = users.map((u, i) => setTimeout(function loop() {
+        u.tick();
+        if (Date.now() - start < opts.duration * 1000) timers[i] = setTimeout(loop, opts.intervalMs);
+    }, (i * opts.intervalMs) / users.length));
+    await new Promise((r) => setTimeout(r, opts.duration * 1000 + 2000));
+    timers.forEach(clearTimeout);
+
+    const now = Date.now();
+    const states = {};
+    for (const u of users) states[u.state] = (states[u.state] || 0) + 1;
+    const report = { states, ok: true, users: users.length, logged_in: loggedIn, alive: 0, hung: 0, terminated: {}, failed_login: 0, out_of_order: 0, sent: 0, received: 0 };
+    for (const u of users) {
+        report.sent += u.sent;
+        report.received += u.received;
+        report.out_of_order += u.outOfOrder;
+        if (u.state === 'alive' && now - u.lastRxAt > opts.hungAfter * 1000) report.hung++;
+        else if (u.state === 'alive') report.alive++;
+        else if (u.state === 'terminated') report.terminated[u.condition || 'none'] = (report.terminated[u.condition || 'none'] || 0) + 1;
+        else if (u.state === 'failed') report.failed_login++;
+    }
+    await Promise.all(users.map((u) => u.logout()));
+    process.stdout.write(JSON.stringify(report) + '\n');
+    process.exit(0);
+}
+
+setTimeout(() => {
+    process.stdout.write(JSON.stringify({ ok: false, error: `timeout after ${opts.timeout}s` }) + '\n');
+    process.exit(1);
+}, opts.timeout * 1000).unref();
+
+main().catch((e) => {
+    process.stdout.write(JSON.stringify({ ok: false, error: String(e && e.stack || e) }) + '\n');
+    process.exit(1);
+});
