@@ -84,6 +84,7 @@ type Link struct {
 	closeErr  error
 
 	sent, received atomic.Uint64
+	unlinkIDs      atomic.Uint64
 }
 
 type monitorEntry struct {
@@ -290,11 +291,19 @@ func (l *Link) dispatch(frame []byte) error {
 		}
 	case op == opExit, op == opExitTT, op == opPayloadExit, op == opPayloadExitTT:
 		// A linked Erlang process died: the link is gone. The sidecar's
-		// process traps exits, so this is news, not a reason to stop.
-		if len(ctl) >= 2 {
-			l.dropLink(ctl[1])
+		// process traps exits, so it gets {'EXIT', Pid, Reason}, as an
+		// Erlang process that traps exits would.
+		if len(ctl) < 3 {
+			return nil
 		}
-		l.log.Debug("linked process exited", zap.Any("from", ctl[1]))
+		l.dropLink(ctl[1])
+		reason := payload
+		if op == opExit || op == opExitTT {
+			reason = ctl[3]
+		}
+		if to, ok := ctl[2].(etf.Pid); ok && to == l.node.self {
+			l.handler(l, Delivery{To: to, Msg: etf.Tuple{etf.Atom("EXIT"), ctl[1], reason}})
+		}
 	case op == opExit2, op == opExit2TT, op == opPayloadExit2, op == opPayloadExit2TT:
 		// exit/2 aimed at the sidecar: noted, never fatal to the link or
 		// to the client connections it carries.
@@ -396,6 +405,30 @@ func (l *Link) onMonitor(ctl etf.Tuple) error {
 	l.monitors[ref.String()] = monitorEntry{from: from, ref: ref}
 	l.stateMu.Unlock()
 	return nil
+}
+
+// LinkTo links the sidecar's process to pid. If pid ends, the handler gets
+// {'EXIT', Pid, Reason}; if the sidecar goes away, pid gets an exit signal
+// (noconnection), which is how an Erlang process can tie its life to ours.
+func (l *Link) LinkTo(pid etf.Pid) error {
+	if err := l.writeMessage(etf.Tuple{opLink, l.node.self, pid}, nil); err != nil {
+		return err
+	}
+	l.stateMu.Lock()
+	l.links[pid] = struct{}{}
+	l.stateMu.Unlock()
+	return nil
+}
+
+// Unlink removes a link made by either side. OTP 26+ want it with an id
+// (UNLINK_ID, which they acknowledge); the old UNLINK is what peers without
+// DFLAG_UNLINK_ID understand.
+func (l *Link) Unlink(pid etf.Pid) error {
+	l.dropLink(pid)
+	if l.peer.flags&flagUnlinkID != 0 {
+		return l.writeMessage(etf.Tuple{opUnlinkID, l.unlinkIDs.Add(1), l.node.self, pid}, nil)
+	}
+	return l.writeMessage(etf.Tuple{opUnlink, l.node.self, pid}, nil)
 }
 
 // Monitor asks the peer to tell us when the process pid ends: the handler

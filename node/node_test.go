@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"sync"
 	"syscall"
 	"testing"
@@ -34,6 +33,9 @@ Loop = fun Loop() ->
     {monitor, P} -> erlang:monitor(process, P), P ! monitored;
     {exit, P} -> exit(P, kill), P ! exited;
     {group_leader, P} -> group_leader(P, self()), group_leader(whereis(user), self()), P ! gl;
+    {whoami, P} -> P ! {pid, self()};
+    {links, P} -> {links, L} = process_info(self(), links), P ! {links, L};
+    {die, Reason} -> exit(Reason);
     {flood, P, N} -> [P ! {seq, I} || I <- lists:seq(1, N)], P ! flooded;
     {count, P, N} ->
       R = (fun C(I) when I > N -> ok;
@@ -151,20 +153,16 @@ func (p *peerNode) Write(b []byte) (int, error) {
 	return p.out.Write(b)
 }
 
-// refusals are what OTP prints when it rejects something we sent: a
-// handshake without a flag it needs ("cannot handle"), or a control message
-// it does not accept ("malformed", "invalid").
-var refusals = regexp.MustCompile(`(?i)cannot handle|malformed|invalid (distribution|control)|bad control|corrupt`)
-
-// checkQuiet fails t if the peer logged a refusal of anything we sent.
+// checkQuiet fails t if the peer logged a refusal of anything we sent
+// (harness.DistRefusal: "cannot handle", "malformed", ...).
 func (p *peerNode) checkQuiet(t *testing.T) {
 	t.Helper()
-	if out := p.output(); refusals.MatchString(out) {
+	if out := p.output(); harness.DistRefusal.MatchString(out) {
 		t.Errorf("the peer complained about us:\n%s", out)
 	}
 }
 
-func startPeer(t *testing.T, tg harness.Target) *peerNode {
+func startPeer(t *testing.T, tg harness.Target, extraArgs ...string) *peerNode {
 	t.Helper()
 	if tg.Root == "" {
 		if _, err := exec.LookPath(tg.Erl); err != nil {
@@ -185,8 +183,9 @@ func startPeer(t *testing.T, tg harness.Target) *peerNode {
 	}
 	p.name = "nodetest_" + hex.EncodeToString(b[:4]) + "@localhost"
 	env := []string{"PATH=" + os.Getenv("PATH"), "HOME=" + tg.Runner.NodePath(dir), "ERL_EPMD_ADDRESS=127.0.0.1"}
-	cmd := tg.Runner.Command(tg.Erl, env, "-sname", p.name, "-noinput",
-		"-kernel", "inet_dist_use_interface", "{127,0,0,1}", "-eval", peerProgram)
+	args := append([]string{"-sname", p.name, "-noinput",
+		"-kernel", "inet_dist_use_interface", "{127,0,0,1}"}, extraArgs...)
+	cmd := tg.Runner.Command(tg.Erl, env, append(args, "-eval", peerProgram)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -333,4 +332,112 @@ func TestCookieFileMustBePrivate(t *testing.T) {
 	if c, err := ReadCookieFile(p); err != nil || c != "secret" {
 		t.Errorf("cookie %q, %v", c, err)
 	}
+}
+
+// Links and monitors made from the Go side: the peer sees our link, the
+// unlink (UNLINK_ID on OTP 26+) takes it away without hurting the link, and
+// when the peer process dies we get 'EXIT' for the link and 'DOWN' for the
+// monitor, as an Erlang process would.
+func TestLinksAndMonitorsFromGo(t *testing.T) { forEachPeer(t, testLinksAndMonitorsFromGo) }
+
+func testLinksAndMonitorsFromGo(t *testing.T, tg harness.Target) {
+	peer := startPeer(t, tg)
+	n, err := New(Config{Name: "megaphone_links@localhost", Cookie: peer.cookie, Logger: zaptest.NewLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newCollector()
+	link, err := n.Dial(context.Background(), peer.name, c.handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer link.Close()
+	self := n.Self()
+	send := func(msg etf.Term) {
+		t.Helper()
+		if err := link.RegSend("peer", msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// linkedToUs asks the peer whether its process is linked to ours (it
+	// has local links of its own, which we leave out).
+	linkedToUs := func() bool {
+		t.Helper()
+		send(etf.Tuple{etf.Atom("links"), self})
+		for _, l := range c.waitFor(t, "links", tagged("links")).(etf.Tuple)[1].(etf.List) {
+			if l == self {
+				return true
+			}
+		}
+		return false
+	}
+	send(etf.Tuple{etf.Atom("whoami"), self})
+	pid := c.waitFor(t, "pid", tagged("pid")).(etf.Tuple)[1].(etf.Pid)
+
+	for round := 0; round < 2; round++ {
+		if err := link.LinkTo(pid); err != nil {
+			t.Fatal(err)
+		}
+		if !linkedToUs() {
+			t.Fatalf("round %d: peer not linked to us after LinkTo", round)
+		}
+		if err := link.Unlink(pid); err != nil {
+			t.Fatal(err)
+		}
+		if linkedToUs() {
+			t.Fatalf("round %d: peer still linked to us after Unlink", round)
+		}
+	}
+
+	if err := link.LinkTo(pid); err != nil {
+		t.Fatal(err)
+	}
+	ref, err := link.Monitor(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	linkedToUs() // both signals have reached the peer before it dies
+	send(etf.Tuple{etf.Atom("die"), []byte("bye")})
+	exit := c.waitFor(t, "EXIT", tagged("EXIT")).(etf.Tuple)
+	if exit[1] != pid || string(exit[2].([]byte)) != "bye" {
+		t.Errorf("EXIT %v", exit)
+	}
+	down := c.waitFor(t, "DOWN", tagged("DOWN")).(etf.Tuple)
+	if r, ok := down[1].(etf.Ref); !ok || !r.Equal(ref) || down[3] != pid || string(down[4].([]byte)) != "bye" {
+		t.Errorf("DOWN %v (monitor %v)", down, ref)
+	}
+	select {
+	case <-link.Done():
+		t.Fatalf("link went down: %v", link.Err())
+	default:
+	}
+	peer.checkQuiet(t)
+}
+
+// An idle link survives: the peer runs with a 4 s net_ticktime, we tick
+// every second, and after 10 s of silence the link is still up.
+func TestIdleLinkTicks(t *testing.T) { forEachPeer(t, testIdleLinkTicks) }
+
+func testIdleLinkTicks(t *testing.T, tg harness.Target) {
+	peer := startPeer(t, tg, "-kernel", "net_ticktime", "4")
+	n, err := New(Config{Name: "megaphone_tick@localhost", Cookie: peer.cookie, TickInterval: time.Second,
+		Logger: zaptest.NewLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newCollector()
+	link, err := n.Dial(context.Background(), peer.name, c.handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer link.Close()
+	select {
+	case <-link.Done():
+		t.Fatalf("idle link dropped: %v", link.Err())
+	case <-time.After(10 * time.Second):
+	}
+	if err := link.RegSend("peer", etf.Tuple{etf.Atom("echo"), n.Self(), []byte("awake")}); err != nil {
+		t.Fatal(err)
+	}
+	c.waitFor(t, "echo after idling", tagged("echo"))
 }
