@@ -50,7 +50,7 @@ type Handler struct {
 	cfg    Config
 	router *router
 	log    *zap.Logger
-	reqIDs  atomic.Uint64
+	reqIDs atomic.Uint64
 
 	requests, forwarded, refused, failed, cancelled, echoes atomic.Uint64
 }

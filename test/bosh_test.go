@@ -15,8 +15,10 @@ import (
 // Two real Strophe.js clients log in through the sidecar, exchange 100
 // messages each way (XML-special and non-ASCII text included), fetch their
 // rosters and log out; ejabberd sees the sidecar as a hidden node.
-func TestBOSHChatThroughSidecar(t *testing.T) {
-	ej := startEjabberd(t, harness.Options{})
+func TestBOSHChatThroughSidecar(t *testing.T) { forEachTarget(t, testBOSHChatThroughSidecar) }
+
+func testBOSHChatThroughSidecar(t *testing.T, tg target) {
+	ej := tg.startEjabberd(t, harness.Options{})
 	sc := startSidecar(t, ej, "")
 
 	res := startClient(t, sc.url(), "--mode", "chat", "--count", "100", "--timeout", "120").wait(t, 3*time.Minute)
@@ -44,7 +46,11 @@ func TestBOSHChatThroughSidecar(t *testing.T) {
 // shows them as BOSH sessions (http_bind) from the clients' real address:
 // they connect from 127.0.0.2, the sidecar's own link comes from 127.0.0.1.
 func TestBOSHSessionsShowHTTPBindAndRealIP(t *testing.T) {
-	ej := startEjabberd(t, harness.Options{})
+	forEachTarget(t, testBOSHSessionsShowHTTPBindAndRealIP)
+}
+
+func testBOSHSessionsShowHTTPBindAndRealIP(t *testing.T, tg target) {
+	ej := tg.startEjabberd(t, harness.Options{})
 	sc := startSidecar(t, ej, "")
 	c := startClient(t, sc.url(), "--mode", "live", "--duration", "6", "--settle", "5", "--timeout", "60",
 		"--local-address", "127.0.0.2")
@@ -64,7 +70,11 @@ func TestBOSHSessionsShowHTTPBindAndRealIP(t *testing.T) {
 // started at once, and a sidecar restarted within the BOSH inactivity window
 // carries the same BOSH sessions on; the clients never notice.
 func TestSidecarKilledAndRestartedMidChat(t *testing.T) {
-	ej := startEjabberd(t, harness.Options{})
+	forEachTarget(t, testSidecarKilledAndRestartedMidChat)
+}
+
+func testSidecarKilledAndRestartedMidChat(t *testing.T, tg target) {
+	ej := tg.startEjabberd(t, harness.Options{})
 	sc := startSidecar(t, ej, "")
 	c := startClient(t, sc.url(), "--mode", "live", "--duration", "16", "--interval-ms", "200",
 		"--settle", "10", "--timeout", "90")
@@ -98,7 +108,11 @@ func TestSidecarKilledAndRestartedMidChat(t *testing.T) {
 // ejabberd's own listener), and only then starts counting inactivity; so a
 // session ends after wait + max_inactivity.
 func TestSidecarGoneSessionsEndByInactivity(t *testing.T) {
-	ej := startEjabberd(t, harness.Options{BOSHInactivity: 5 * time.Second})
+	forEachTarget(t, testSidecarGoneSessionsEndByInactivity)
+}
+
+func testSidecarGoneSessionsEndByInactivity(t *testing.T, tg target) {
+	ej := tg.startEjabberd(t, harness.Options{BOSHInactivity: 5 * time.Second})
 	base := evalInt(t, ej, leftoverExpr)
 	sc := startSidecar(t, ej, "")
 	c := startClient(t, sc.url(), "--mode", "live", "--duration", "30", "--wait", "8", "--timeout", "60")
@@ -119,8 +133,10 @@ func TestSidecarGoneSessionsEndByInactivity(t *testing.T) {
 }
 
 // Bad input gets a clear HTTP or BOSH error, and nothing else breaks.
-func TestBOSHBadInput(t *testing.T) {
-	ej := startEjabberd(t, harness.Options{})
+func TestBOSHBadInput(t *testing.T) { forEachTarget(t, testBOSHBadInput) }
+
+func testBOSHBadInput(t *testing.T, tg target) {
+	ej := tg.startEjabberd(t, harness.Options{})
 	sc := startSidecar(t, ej, "")
 	post := func(body string) (int, string) {
 		t.Helper()

@@ -28,17 +28,84 @@ import (
 const demoPassword = "demo"
 
 var (
+	repoRoot   string // the repository
 	sidecarBin string // the megaphone binary under test
-	shimEbin   string // the shim's ebin directory
+	shimEbin   string // the shim's ebin directory on the host (rebar3's build)
 	clientsDir string // test/clients, with node_modules installed
+
+	// targets are the ejabberd installations every test runs on: the
+	// host's and, once scripts/trixie-chroot.sh has built it, Debian 13's.
+	targets []target
+	// hostTarget is targets[0], this machine's own ejabberd.
+	hostTarget target
 )
+
+// target is one ejabberd/OTP installation with the shim built for it.
+type target struct {
+	harness.Target
+	shimEbin string // the shim's ebin directory as the target's node sees it
+}
 
 func TestMain(m *testing.M) {
 	if err := locateParts(); err != nil {
 		fmt.Fprintln(os.Stderr, "integration tests:", err)
 		os.Exit(1)
 	}
-	os.Exit(m.Run())
+	cleanup, err := prepareTargets()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "integration tests:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	cleanup()
+	os.Exit(code)
+}
+
+// prepareTargets lists the targets (a missing Debian 13 chroot is an error
+// when MEGAPHONE_REQUIRE_TRIXIE=1) and compiles the shim for each one that
+// is not the host with that target's own erlc. The host uses rebar3's
+// build, the one the README tells operators to load.
+func prepareTargets() (cleanup func(), err error) {
+	ts, err := harness.Targets()
+	if err != nil {
+		return nil, err
+	}
+	var cleanups []func()
+	cleanup = func() {
+		for _, c := range cleanups {
+			c()
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, t := range ts {
+		tg := target{Target: t, shimEbin: shimEbin}
+		if t.Root != "" {
+			ebin, done, err := t.BuildShim(ctx, filepath.Join(repoRoot, "erlang", "src"))
+			if err != nil {
+				cleanup()
+				return nil, err
+			}
+			cleanups = append(cleanups, done)
+			tg.shimEbin = ebin
+		}
+		fmt.Fprintf(os.Stderr, "integration tests: target %s: %s, shim %s\n", tg.Name, tg.Desc, tg.shimEbin)
+		targets = append(targets, tg)
+	}
+	hostTarget = targets[0]
+	return cleanup, nil
+}
+
+// forEachTarget runs f as one subtest per target, named after it
+// (TestX/debian12, TestX/debian13).
+func forEachTarget(t *testing.T, f func(t *testing.T, tg target)) {
+	t.Helper()
+	for _, tg := range targets {
+		t.Run(tg.Name, func(t *testing.T) {
+			t.Logf("target: %s", tg.Desc)
+			f(t, tg)
+		})
+	}
 }
 
 // locateParts finds (or builds) the sidecar and the shim. make passes them
@@ -48,6 +115,7 @@ func locateParts() error {
 	if err != nil {
 		return err
 	}
+	repoRoot = root
 	clientsDir = filepath.Join(root, "test", "clients")
 	if _, err := os.Stat(filepath.Join(clientsDir, "node_modules", "strophe.js")); err != nil {
 		return fmt.Errorf("npm clients not installed in %s: run make deps", clientsDir)
@@ -73,14 +141,23 @@ func locateParts() error {
 	return nil
 }
 
-// startEjabberd starts a private ejabberd with demo users and the shim
-// loaded through a remote shell, the way the README tells operators to.
-func startEjabberd(t *testing.T, opts harness.Options) *harness.Ejabberd {
+// startEjabberd starts a private ejabberd of the target, with demo users
+// and the target's shim loaded through a remote shell, the way the README
+// tells operators to.
+func (tg target) startEjabberd(t *testing.T, opts harness.Options) *harness.Ejabberd {
 	t.Helper()
 	if opts.Name == "" {
 		opts.Name = "e2e"
 	}
-	ej := harness.MustStart(t, opts)
+	ej := harness.MustStart(t, tg.Options(opts))
+	// Runs before Stop (cleanups run last-registered first), while the
+	// node's logs are still there.
+	t.Cleanup(func() {
+		if lines := ej.DistRefusals(); len(lines) > 0 {
+			t.Errorf("%s refused something the sidecar sent over the distribution:\n%s",
+				ej.Node, strings.Join(lines, "\n"))
+		}
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	for _, user := range []string{"alice", "bob"} {
@@ -88,10 +165,17 @@ func startEjabberd(t *testing.T, opts harness.Options) *harness.Ejabberd {
 			t.Fatal(err)
 		}
 	}
-	if out, err := ej.LoadShim(ctx, shimEbin); err != nil {
+	if out, err := ej.LoadShim(ctx, tg.shimEbin); err != nil {
 		t.Fatalf("loading the shim: %v\n%s", err, out)
 	}
 	return ej
+}
+
+// startEjabberd is hostTarget.startEjabberd, for tests that run on the
+// host's ejabberd only.
+func startEjabberd(t *testing.T, opts harness.Options) *harness.Ejabberd {
+	t.Helper()
+	return hostTarget.startEjabberd(t, opts)
 }
 
 // eval runs an Erlang expression on the node and fails the test on error.
