@@ -3,7 +3,8 @@
 #   make run    install what is missing, build, start a private ejabberd with
 #               the shim loaded, and serve clients through the sidecar
 #   make test   every test: Go (race detector), EUnit, and the integration
-#               tests against a real ejabberd and real npm clients
+#               tests against real ejabberd nodes (Debian 12's on the host,
+#               Debian 13's in a chroot) and real npm clients
 
 # Go lives in /usr/local/go on our machines; a root shell may not have it on PATH.
 export PATH := $(PATH):/usr/local/go/bin
@@ -13,12 +14,19 @@ REBAR3  ?= rebar3
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 SHIM_EBIN := $(CURDIR)/_build/default/lib/megaphone/ebin
 
-.PHONY: all deps build sidecar shim test unit-test go-unit eunit integration run fuzz vet clean
+.PHONY: all deps deps-trixie build sidecar shim test unit-test go-unit eunit integration run fuzz vet clean
 
 all: build
 
 deps:
 	bash scripts/deps.sh
+
+# The second test target: ejabberd 24.12 on OTP 27 in a Debian 13 chroot,
+# cached outside the repo (MEGAPHONE_TRIXIE_ROOT, default
+# /var/cache/megaphone/trixie). Built once (about a minute), then only its
+# mounts are checked. Tests find it through test/harness.Targets.
+deps-trixie:
+	bash scripts/trixie-chroot.sh
 
 build: sidecar shim
 
@@ -46,7 +54,7 @@ integration: build
 	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
 		$(GO) test -count=1 -timeout 15m -v ./test/...
 
-test: deps build unit-test integration
+test: deps deps-trixie build unit-test integration
 
 run: deps build
 	$(GO) build -o bin/megaphone-dev ./cmd/megaphone-dev

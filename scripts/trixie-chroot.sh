@@ -3,6 +3,7 @@
 # second test target: ejabberd 24.12 on OTP 27. Run as root on Debian 12.
 #
 #   scripts/trixie-chroot.sh          build if needed, mount, print timings
+#   scripts/trixie-chroot.sh --remove unmount and delete the chroot
 #
 # The chroot lives OUTSIDE the repository, in $MEGAPHONE_TRIXIE_ROOT
 # (default /var/cache/megaphone/trixie), so clones and `make clean` share it.
@@ -86,6 +87,23 @@ mkdir -p "$(dirname "$ROOT")"
 # One builder at a time (make test in two clones, say). Bounded wait.
 exec 9>"$ROOT.lock"
 flock -w 1800 9 || die "another trixie-chroot.sh held $ROOT.lock for 30 minutes"
+
+case "${1:-}" in
+  "") ;;
+  --remove)
+    # Mounts first: rm must never reach the host's /dev or /proc.
+    # --one-file-system is the second guard.
+    for d in "$ROOT" "$ROOT.partial"; do
+      [ -e "$d" ] || continue
+      unmount_all "$d"
+      rm -rf --one-file-system "$d"
+      log "removed $d"
+    done
+    rm -f "$ROOT.debootstrap.log"
+    exit 0
+    ;;
+  *) die "unknown argument '$1' (only --remove)" ;;
+esac
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$RECIPE" ]; then
   ensure_mounts "$ROOT"
