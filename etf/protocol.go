@@ -104,6 +104,58 @@ type BOSHResponse struct {
 	Body    []byte
 }
 
+// C2SOpen asks the shim to start ejabberd_c2s for a client stream the
+// sidecar has framed: {c2s_open, ConnId, TransportBin, Peer, Local}.
+type C2SOpen struct {
+	ConnID    uint64
+	Transport string // "tcp", "tls" or "websocket"
+	Peer      netip.AddrPort
+	Local     netip.AddrPort
+}
+
+// Term returns the wire form of o.
+func (o C2SOpen) Term() Term {
+	return Tuple{Atom("c2s_open"), o.ConnID, o.Transport, PeerTerm(o.Peer), PeerTerm(o.Local)}
+}
+
+// C2SStarted says c2s runs: {c2s_started, ConnId, C2SPid, #{max_stanza_size => N | infinity}}.
+// From then on the sidecar talks to C2SPid directly.
+type C2SStarted struct {
+	ConnID         uint64
+	C2S            Pid
+	MaxStanzaBytes int64 // 0: no limit
+}
+
+// C2SRefused says c2s could not start: {c2s_refused, ConnId, ReasonBin}.
+type C2SRefused struct {
+	ConnID uint64
+	Reason string
+}
+
+// C2SOut is one stream event c2s writes: {c2s_out, ConnId, Event}.
+type C2SOut struct {
+	ConnID uint64
+	Event  Term
+}
+
+// C2SClose says c2s closed the stream: {c2s_close, ConnId}.
+type C2SClose struct{ ConnID uint64 }
+
+// C2SShaper passes c2s's shaper on: {c2s_shaper, ConnId, BytesPerSecond | none}.
+type C2SShaper struct {
+	ConnID      uint64
+	BytesPerSec int64 // 0: none
+}
+
+// C2SInput is what the sidecar sends straight to a c2s process: the
+// message a socket owner sends in element mode, {tcp, megaphone, Events}.
+func C2SInput(events []Term) Term {
+	return Tuple{Atom("tcp"), Atom("megaphone"), List(events)}
+}
+
+// C2SClientClosed tells c2s the client went away: {tcp_closed, megaphone}.
+func C2SClientClosed() Term { return Tuple{Atom("tcp_closed"), Atom("megaphone")} }
+
 // PeerTerm renders an address as ejabberd expects it: {IPTuple, Port}.
 func PeerTerm(ap netip.AddrPort) Term {
 	addr := ap.Addr().Unmap()
@@ -151,6 +203,44 @@ func ParseShimMessage(t Term) (any, error) {
 		return Down{Ref: ref, Pid: pid, Reason: tup[4]}, nil
 	case tag == atomBOSHResponse && len(tup) == 7:
 		return parseBOSHResponse(tup)
+	case tag == "c2s_out" && len(tup) == 3:
+		id, ok := Uint64(tup[1])
+		if !ok {
+			return nil, fmt.Errorf("%w: malformed c2s_out", ErrNotProtocol)
+		}
+		return C2SOut{ConnID: id, Event: tup[2]}, nil
+	case tag == "c2s_close" && len(tup) == 2:
+		id, ok := Uint64(tup[1])
+		if !ok {
+			return nil, fmt.Errorf("%w: malformed c2s_close", ErrNotProtocol)
+		}
+		return C2SClose{ConnID: id}, nil
+	case tag == "c2s_shaper" && len(tup) == 3:
+		id, ok := Uint64(tup[1])
+		if !ok {
+			return nil, fmt.Errorf("%w: malformed c2s_shaper", ErrNotProtocol)
+		}
+		rate, _ := Int64(tup[2])
+		return C2SShaper{ConnID: id, BytesPerSec: rate}, nil
+	case tag == "c2s_started" && len(tup) == 4:
+		id, ok1 := Uint64(tup[1])
+		pid, ok2 := tup[2].(Pid)
+		info, ok3 := tup[3].(Map)
+		if !ok1 || !ok2 || !ok3 {
+			return nil, fmt.Errorf("%w: malformed c2s_started", ErrNotProtocol)
+		}
+		started := C2SStarted{ConnID: id, C2S: pid}
+		if v, ok := info.Get("max_stanza_size"); ok {
+			started.MaxStanzaBytes, _ = Int64(v)
+		}
+		return started, nil
+	case tag == "c2s_refused" && len(tup) == 3:
+		id, ok := Uint64(tup[1])
+		reason, _ := tup[2].([]byte)
+		if !ok {
+			return nil, fmt.Errorf("%w: malformed c2s_refused", ErrNotProtocol)
+		}
+		return C2SRefused{ConnID: id, Reason: string(reason)}, nil
 	case tag == atomWelcome && len(tup) == 4:
 		pid, ok1 := tup[1].(Pid)
 		ver, ok2 := Int64(tup[2])

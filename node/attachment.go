@@ -47,6 +47,9 @@ type Attachment struct {
 	lastErr   string
 	since     time.Time
 	pending   map[uint64]chan etf.BOSHResponse
+	opens     map[uint64]chan any     // c2s_open awaiting its answer, by conn ID
+	streams   map[uint64]*streamEntry // live client streams, by conn ID
+	byMonitor map[string]uint64       // c2s monitors, by reference
 	attempts  atomic.Uint64
 	helloWait time.Duration
 	// attachWait is how long a request waits for a detached attachment to
@@ -58,6 +61,7 @@ type session struct {
 	link    *Link
 	shim    etf.Pid
 	version int
+	monitor etf.Ref // our monitor on the shim's session process
 }
 
 // Attach starts attaching to the shim on peer and keeps at it until ctx
@@ -70,6 +74,9 @@ func (n *Node) Attach(ctx context.Context, peer string, build string) *Attachmen
 		ready:      make(chan struct{}),
 		since:      time.Now(),
 		pending:    make(map[uint64]chan etf.BOSHResponse),
+		opens:      make(map[uint64]chan any),
+		streams:    make(map[uint64]*streamEntry),
+		byMonitor:  make(map[string]uint64),
 		helloWait:  5 * time.Second,
 		attachWait: 5 * time.Second,
 		info: etf.Hello{
@@ -86,6 +93,14 @@ func (n *Node) Attach(ctx context.Context, peer string, build string) *Attachmen
 
 // Peer returns the ejabberd node this attachment serves.
 func (a *Attachment) Peer() string { return a.peer }
+
+// isSessionMonitor reports whether ref is our monitor on the current shim
+// session.
+func (a *Attachment) isSessionMonitor(ref etf.Ref) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cur != nil && a.cur.monitor.Equal(ref)
+}
 
 // Attached reports whether the shim session is up right now.
 func (a *Attachment) Attached() bool {
@@ -184,11 +199,16 @@ func (a *Attachment) handle(welcome chan<- any) Handler {
 		}
 		switch m := msg.(type) {
 		case etf.Down:
+			if a.streamDown(m.Ref) || !a.isSessionMonitor(m.Ref) {
+				return // a c2s ended (or one we already forgot)
+			}
 			// The shim's session process ended (the shim was stopped or
 			// reloaded) while the node stays up. Dropping the link fails
 			// every request in flight at once and starts a fresh hello.
 			a.log.Warn("the shim's session ended; re-attaching", zap.Any("reason", m.Reason))
 			l.Close()
+		case etf.C2SStarted, etf.C2SRefused, etf.C2SOut, etf.C2SClose, etf.C2SShaper:
+			a.handleStreamMessage(m)
 		case etf.BOSHResponse:
 			a.mu.Lock()
 			ch := a.pending[m.ReqID]
@@ -261,15 +281,19 @@ func (a *Attachment) attachOnce(ctx context.Context, backoff *backoff) error {
 	}
 	// Watch the session process: if the shim goes away without the node
 	// going down, requests waiting on it must not hang.
-	if _, err := link.Monitor(w.Session); err != nil {
+	ref, err := link.Monitor(w.Session)
+	if err != nil {
 		return err
 	}
-	a.setAttached(&session{link: link, shim: w.Session, version: w.Version}, w)
+	s := &session{link: link, shim: w.Session, version: w.Version, monitor: ref}
+	a.setAttached(s, w)
 	backoff.reset()
 	select {
 	case <-link.Done():
+		a.dropStreams(s, "ejabberd link down")
 		return fmt.Errorf("link down: %w", link.Err())
 	case <-ctx.Done():
+		a.dropStreams(s, "sidecar stopping")
 		return ctx.Err()
 	}
 }

@@ -159,8 +159,10 @@ func (p *Parser) handle(tok xml.Token) (etf.Term, error) {
 		parent := p.stack[len(p.stack)-1]
 		(*parent)[3] = append((*parent)[3].(etf.List), etf.Tuple{etf.Atom("xmlcdata"), bytes.Clone(t)})
 	case xml.ProcInst:
-		if t.Target == "xml" && !p.started {
-			return nil, nil // the XML declaration before the header
+		if t.Target == "xml" && len(p.stack) == 0 {
+			// The XML declaration, before the first header or a restarted
+			// one (clients send it again after SASL).
+			return nil, nil
 		}
 		return nil, fmt.Errorf("%w: processing instruction", ErrRestrictedXML)
 	case xml.Comment:

@@ -35,6 +35,10 @@ type options struct {
 	cookieFile    string
 	epmdPort      int
 	boshAddr      string
+	c2sAddr       string
+	c2sTLSAddr    string
+	tlsCert       string
+	tlsKey        string
 	boshPaths     string
 	maxBody       int64
 	maxWait       time.Duration
@@ -82,6 +86,10 @@ func parseFlags(args []string) (options, error) {
 		"file holding the distribution cookie (must not be world-readable)")
 	fs.IntVar(&o.epmdPort, "epmd-port", node.DefaultEPMDPort, "epmd port on the ejabberd host")
 	fs.StringVar(&o.boshAddr, "bosh-addr", "127.0.0.1:5280", "BOSH HTTP listen address (empty: off)")
+	fs.StringVar(&o.c2sAddr, "c2s-addr", "", "XMPP client listen address, e.g. 127.0.0.1:5222 (empty: off); STARTTLS is required when --tls-cert is set")
+	fs.StringVar(&o.c2sTLSAddr, "c2s-tls-addr", "", "XMPP direct-TLS (XEP-0368) listen address, e.g. 127.0.0.1:5223 (empty: off; needs --tls-cert)")
+	fs.StringVar(&o.tlsCert, "tls-cert", "", "PEM certificate chain for client TLS (reloaded on SIGHUP)")
+	fs.StringVar(&o.tlsKey, "tls-key", "", "PEM private key for --tls-cert")
 	fs.StringVar(&o.boshPaths, "bosh-paths", "/bosh,/http-bind", "comma-separated URL paths that serve BOSH")
 	fs.Int64Var(&o.maxBody, "max-body", 64<<10, "largest BOSH request body in bytes (larger: 413)")
 	fs.DurationVar(&o.maxWait, "max-wait", 330*time.Second, "longest a BOSH request may wait for ejabberd")
@@ -139,12 +147,19 @@ func run(ctx context.Context, o options, log *zap.Logger) error {
 	// One attachment per ejabberd node; the BOSH front spreads new sessions
 	// over those attached and pins each session to its node.
 	var nodes []bosh.Node
+	streams := &streamBackend{}
 	for _, peer := range o.nodes {
-		nodes = append(nodes, n.Attach(attachCtx, peer, version))
+		a := n.Attach(attachCtx, peer, version)
+		nodes = append(nodes, a)
+		streams.nodes = append(streams.nodes, a)
+	}
+	ids := &sockets.IDs{}
+	limits := sockets.Limits{MaxConns: o.maxConns, MaxConnsPerIP: o.maxConnsPerIP}
+	if err := serveC2S(ctx, o, ids, limits, streams, log); err != nil {
+		return err
 	}
 
-	ids := &sockets.IDs{}
-	lis, err := sockets.Listen(o.boshAddr, ids, sockets.Limits{MaxConns: o.maxConns, MaxConnsPerIP: o.maxConnsPerIP}, log)
+	lis, err := sockets.Listen(o.boshAddr, ids, limits, log)
 	if err != nil {
 		return fmt.Errorf("BOSH listener: %w", err)
 	}

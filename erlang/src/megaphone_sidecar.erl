@@ -22,6 +22,7 @@
           workers = #{} :: #{reference() => {non_neg_integer(), non_neg_integer(), pid()}},
           by_request = #{} :: #{{non_neg_integer(), non_neg_integer()} => reference()},
           requests = 0 :: non_neg_integer(),
+          streams = 0 :: non_neg_integer(),
           cancelled = 0 :: non_neg_integer(),
           failed = 0 :: non_neg_integer()}).
 
@@ -62,6 +63,8 @@ handle_info({bosh_request, ConnId, ReqId, Peer, Body}, State)
         true -> {noreply, start_worker(ConnId, ReqId, Peer, Body, State)};
         false -> {noreply, reject(ConnId, ReqId, <<"bad peer address">>, State)}
     end;
+handle_info({c2s_open, ConnId, Transport, Peer, Local}, State) when ?IS_ID(ConnId) ->
+    {noreply, open_c2s(ConnId, Transport, Peer, Local, State)};
 handle_info({bosh_cancel, ConnId, ReqId}, #state{by_request = ByReq} = State) ->
     case maps:find({ConnId, ReqId}, ByReq) of
         {ok, Ref} ->
@@ -122,6 +125,48 @@ worker_ended(ConnId, ReqId, Reason, State) ->
     logger:error("megaphone: BOSH request ~p/~p crashed: ~p", [ConnId, ReqId, Reason]),
     reject(ConnId, ReqId, <<"Internal Server Error">>, State#state{failed = State#state.failed + 1}).
 
+%% A client stream (TCP, TLS or WebSocket) the sidecar has framed: start
+%% ejabberd_c2s on a virtual socket in element mode. accept/1 is cast
+%% before the sidecar hears of the pid, so nothing of the sidecar's can
+%% reach c2s before it has taken its socket.
+open_c2s(ConnId, TransportBin, Peer, Local, #state{sidecar = Sidecar} = State) ->
+    Reply = case {transport(TransportBin), megaphone_bosh:valid_peer(Peer),
+                  megaphone_bosh:valid_peer(Local)} of
+                {{ok, Transport}, true, true} ->
+                    Socket = megaphone_c2s_socket:new(Sidecar, ConnId, Transport, Peer, Local),
+                    start_c2s(ConnId, Socket);
+                _ ->
+                    {c2s_refused, ConnId, <<"bad c2s_open">>}
+            end,
+    erlang:send(Sidecar, Reply, [noconnect]),
+    case Reply of
+        {c2s_started, _, _, _} -> State#state{streams = State#state.streams + 1};
+        _ -> State
+    end.
+
+start_c2s(ConnId, Socket) ->
+    try
+        Opts = ejabberd_c2s_config:get_c2s_limits(),
+        case ejabberd_c2s:start(megaphone_c2s_socket, Socket, Opts) of
+            {ok, Pid} ->
+                ejabberd_c2s:accept(Pid),
+                MaxStanza = proplists:get_value(max_stanza_size, Opts, infinity),
+                {c2s_started, ConnId, Pid, #{max_stanza_size => MaxStanza}};
+            Other ->
+                logger:warning("megaphone: c2s for connection ~p did not start: ~p", [ConnId, Other]),
+                {c2s_refused, ConnId, <<"c2s did not start">>}
+        end
+    catch
+        error:undef -> {c2s_refused, ConnId, <<"ejabberd is not running">>}
+    end.
+
+%% The transport comes as a binary, never an atom, and maps to one of the
+%% atoms get_transport/1 may return.
+transport(<<"tcp">>) -> {ok, tcp};
+transport(<<"tls">>) -> {ok, tls};
+transport(<<"websocket">>) -> {ok, websocket};
+transport(_) -> error.
+
 reject(ConnId, ReqId, Reason, #state{sidecar = Sidecar} = State) ->
     erlang:send(Sidecar, megaphone_bosh:error_response(ConnId, ReqId, 500, Reason), [noconnect]),
     State.
@@ -135,5 +180,6 @@ describe(#state{} = S) ->
       uptime_s => erlang:system_time(second) - S#state.started,
       in_flight => maps:size(S#state.workers),
       requests => S#state.requests,
+      streams_opened => S#state.streams,
       cancelled => S#state.cancelled,
       failed => S#state.failed}.

@@ -1,0 +1,389 @@
+package sockets
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/megaphone-im/megaphone/etf"
+	"github.com/megaphone-im/megaphone/xmlstream"
+	"go.uber.org/zap"
+)
+
+// StreamSink receives what ejabberd writes to one client stream; its
+// methods must not block.
+type StreamSink interface {
+	Write(ev etf.Term)
+	Close(reason string)
+}
+
+// Stream is ejabberd's side of one client stream (a c2s process).
+type Stream interface {
+	Send(events []etf.Term) error
+	Close()
+	MaxStanzaBytes() int64
+}
+
+// StreamBackend starts ejabberd_c2s for a client stream.
+type StreamBackend interface {
+	OpenStream(ctx context.Context, open etf.C2SOpen, sink StreamSink) (Stream, error)
+}
+
+// C2SConfig tunes the XMPP client listeners.
+type C2SConfig struct {
+	// TLS, if set, is used for direct TLS (XEP-0368) and makes STARTTLS
+	// required on plain listeners: with a certificate at hand, the sidecar
+	// never lets credentials cross the wire in clear.
+	TLS *tls.Config
+	// HandshakeTimeout bounds everything before c2s runs: the stream
+	// header, STARTTLS, the TLS handshake. 0 means 30 s.
+	HandshakeTimeout time.Duration
+	// MaxStanzaBytes bounds a stanza until ejabberd says its own limit.
+	MaxStanzaBytes int64
+	// MaxPendingWrite bounds what may wait to be written to one client; a
+	// client that reads slower than that is disconnected. 0 means 1 MiB.
+	MaxPendingWrite int
+	Logger          *zap.Logger
+}
+
+// XML namespaces the pre-TLS negotiation speaks.
+const (
+	nsStreams = "urn:ietf:params:xml:ns:xmpp-streams"
+	nsTLS     = "urn:ietf:params:xml:ns:xmpp-tls"
+)
+
+// ServeC2S accepts XMPP client connections on lis until it is closed.
+// directTLS makes every connection start with a TLS handshake (port 5223);
+// otherwise STARTTLS is required when cfg.TLS is set, and the stream is
+// plain when it is not.
+func ServeC2S(lis *Listener, cfg C2SConfig, backend StreamBackend, directTLS bool) error {
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = 30 * time.Second
+	}
+	if cfg.MaxPendingWrite <= 0 {
+		cfg.MaxPendingWrite = 1 << 20
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	if directTLS && cfg.TLS == nil {
+		return errors.New("direct TLS needs a certificate")
+	}
+	for {
+		c, err := lis.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			return err
+		}
+		conn := c.(*Conn)
+		go serveC2SConn(conn, cfg, backend, directTLS)
+	}
+}
+
+// c2sConn is one client stream: the socket, the parser, and the queue of
+// what ejabberd writes to it.
+type c2sConn struct {
+	conn net.Conn // the client socket (TLS-wrapped once negotiated)
+	raw  *Conn
+	cfg  C2SConfig
+	log  *zap.Logger
+
+	mu         sync.Mutex
+	pending    []byte
+	closing    bool
+	headerSent bool
+	wake       chan struct{}
+	finished   chan struct{} // closed when the write loop has ended
+}
+
+func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS bool) {
+	c := &c2sConn{conn: raw, raw: raw, cfg: cfg, log: cfg.Logger.With(zap.Uint64("conn", raw.ID)),
+		wake: make(chan struct{}, 1), finished: make(chan struct{})}
+	defer raw.Close()
+	go c.writeLoop()
+	defer c.shutdown()
+
+	_ = raw.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
+	transport := "tcp"
+	switch {
+	case directTLS:
+		tc := tls.Server(raw, cfg.TLS)
+		if err := tc.Handshake(); err != nil {
+			c.log.Debug("TLS handshake failed", zap.Error(err))
+			return
+		}
+		c.setConn(tc)
+		transport = "tls"
+	case cfg.TLS != nil:
+		tc, err := c.startTLS()
+		if err != nil {
+			c.log.Debug("STARTTLS failed", zap.Error(err))
+			return
+		}
+		c.setConn(tc)
+		transport = "tls"
+	}
+
+	parser := xmlstream.NewParser(c.conn, xmlstream.Limits{MaxStanzaBytes: cfg.MaxStanzaBytes})
+	header, err := parser.Next()
+	if err != nil {
+		c.streamError(err)
+		return
+	}
+	local := addrPort(raw.LocalAddr())
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.HandshakeTimeout)
+	stream, err := backend.OpenStream(ctx, etf.C2SOpen{ConnID: raw.ID, Transport: transport, Peer: raw.Peer, Local: local}, c)
+	cancel()
+	if err != nil {
+		c.log.Info("ejabberd did not take the stream", zap.Error(err))
+		c.streamErrorCondition("remote-connection-failed")
+		return
+	}
+	defer stream.Close()
+	parser.SetMaxStanzaBytes(stream.MaxStanzaBytes())
+	_ = raw.SetDeadline(time.Time{}) // c2s keeps its own timers from here
+	if err := stream.Send([]etf.Term{header}); err != nil {
+		return
+	}
+	for {
+		ev, err := parser.Next()
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !c.isClosing() {
+				c.streamError(err)
+			}
+			return
+		}
+		if err := stream.Send([]etf.Term{ev}); err != nil {
+			c.streamErrorCondition("remote-connection-failed")
+			return
+		}
+	}
+}
+
+// startTLS answers the pre-TLS stream itself: ejabberd never sees a byte
+// before encryption (it cannot do TLS on a virtual socket anyway).
+func (c *c2sConn) startTLS() (*tls.Conn, error) {
+	parser := xmlstream.NewParser(c.raw, xmlstream.Limits{MaxStanzaBytes: 4096, MaxDepth: 4})
+	header, err := parser.Next()
+	if err != nil {
+		c.streamError(err)
+		return nil, err
+	}
+	to := attr(header, "to")
+	err = c.writeNow([]byte(fmt.Sprintf("<?xml version='1.0'?><stream:stream xmlns='jabber:client' "+
+		"xmlns:stream='http://etherx.jabber.org/streams' id='%s' from='%s' version='1.0'>"+
+		"<stream:features><starttls xmlns='%s'><required/></starttls></stream:features>",
+		randomID(), xmlAttrEscape(to), nsTLS)))
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	c.headerSent = true
+	c.mu.Unlock()
+	el, err := parser.Next()
+	if err != nil {
+		c.streamError(err)
+		return nil, err
+	}
+	if name(el) != "starttls" || attr(el, "xmlns") != nsTLS {
+		c.streamErrorCondition("policy-violation")
+		return nil, fmt.Errorf("client sent <%s> where STARTTLS is required", name(el))
+	}
+	// <proceed/> must reach the client before the handshake starts.
+	if err := c.writeNow([]byte("<proceed xmlns='" + nsTLS + "'/>")); err != nil {
+		return nil, err
+	}
+	tc := tls.Server(c.raw, c.cfg.TLS)
+	if err := tc.Handshake(); err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	c.headerSent = false // the client opens a fresh stream over TLS
+	c.mu.Unlock()
+	return tc, nil
+}
+
+// Write queues one event from c2s for the client (StreamSink).
+func (c *c2sConn) Write(ev etf.Term) {
+	b, err := xmlstream.AppendEvent(nil, ev)
+	if err != nil {
+		c.log.Warn("unwritable event from ejabberd; closing", zap.Error(err))
+		c.Close("bad event")
+		return
+	}
+	if t, ok := ev.(etf.Tuple); ok && len(t) > 0 && t[0] == etf.Atom("xmlstreamstart") {
+		c.mu.Lock()
+		c.headerSent = true
+		c.mu.Unlock()
+	}
+	c.queue(b)
+}
+
+// Close ends the connection once what is queued is written (StreamSink).
+func (c *c2sConn) Close(reason string) {
+	c.mu.Lock()
+	c.closing = true
+	c.mu.Unlock()
+	c.signal()
+}
+
+func (c *c2sConn) isClosing() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closing
+}
+
+func (c *c2sConn) queue(b []byte) {
+	c.mu.Lock()
+	if c.closing {
+		c.mu.Unlock()
+		return
+	}
+	c.pending = append(c.pending, b...)
+	over := len(c.pending) > c.cfg.MaxPendingWrite
+	if over {
+		// A client that does not read must not cost us unbounded memory.
+		c.closing = true
+		c.pending = nil
+	}
+	c.mu.Unlock()
+	if over {
+		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", c.cfg.MaxPendingWrite))
+		_ = c.raw.Close()
+	}
+	c.signal()
+}
+
+func (c *c2sConn) signal() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// writeNow writes synchronously (the STARTTLS step, before the write loop
+// matters); queued data goes first.
+func (c *c2sConn) writeNow(b []byte) error {
+	c.mu.Lock()
+	out := append(c.pending, b...)
+	c.pending = nil
+	c.mu.Unlock()
+	_, err := c.raw.Write(out)
+	return err
+}
+
+func (c *c2sConn) setConn(conn net.Conn) {
+	c.mu.Lock()
+	c.conn = conn
+	c.mu.Unlock()
+}
+
+// writeLoop writes what is queued, in order, until the connection closes.
+func (c *c2sConn) writeLoop() {
+	defer close(c.finished)
+	for {
+		<-c.wake
+		c.mu.Lock()
+		out, closing := c.pending, c.closing
+		c.pending = nil
+		conn := c.conn
+		c.mu.Unlock()
+		if len(out) > 0 {
+			_ = conn.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			if _, err := conn.Write(out); err != nil {
+				_ = conn.Close()
+				return
+			}
+		}
+		if closing {
+			_ = conn.Close()
+			return
+		}
+	}
+}
+
+// shutdown lets the write loop flush what is queued (bounded by its write
+// deadline) and waits for it to end.
+func (c *c2sConn) shutdown() {
+	c.Close("done")
+	<-c.finished
+}
+
+// streamError reports a parse failure to the client as a stream error.
+func (c *c2sConn) streamError(err error) {
+	for _, cond := range []error{xmlstream.ErrNotWellFormed, xmlstream.ErrRestrictedXML, xmlstream.ErrPolicyViolation} {
+		if errors.Is(err, cond) {
+			c.log.Info("bad client stream", zap.Error(err))
+			c.streamErrorCondition(cond.Error())
+			return
+		}
+	}
+}
+
+func (c *c2sConn) streamErrorCondition(cond string) {
+	c.mu.Lock()
+	header := !c.headerSent
+	c.headerSent = true
+	c.mu.Unlock()
+	var b []byte
+	if header {
+		b = append(b, "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"...)
+	}
+	b = append(b, "<stream:error><"+cond+" xmlns='"+nsStreams+"'/></stream:error></stream:stream>"...)
+	c.queue(b)
+	c.Close(cond)
+}
+
+func name(ev etf.Term) string {
+	if t, ok := ev.(etf.Tuple); ok && len(t) == 4 {
+		if n, ok := t[1].([]byte); ok {
+			return string(n)
+		}
+	}
+	return ""
+}
+
+func attr(ev etf.Term, key string) string {
+	t, ok := ev.(etf.Tuple)
+	if !ok || len(t) < 3 {
+		return ""
+	}
+	list, _ := t[2].(etf.List)
+	for _, a := range list {
+		if p, ok := a.(etf.Tuple); ok && len(p) == 2 {
+			if k, _ := p[0].([]byte); string(k) == key {
+				v, _ := p[1].([]byte)
+				return string(v)
+			}
+		}
+	}
+	return ""
+}
+
+func randomID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func xmlAttrEscape(s string) string {
+	b, _ := xmlstream.AppendEvent(nil, etf.Tuple{etf.Atom("xmlstreamcdata"), []byte(s)})
+	out := make([]byte, 0, len(b))
+	for _, ch := range b {
+		if ch == '\'' {
+			out = append(out, "&apos;"...)
+		} else {
+			out = append(out, ch)
+		}
+	}
+	return string(out)
+}
