@@ -318,15 +318,26 @@ func (c *c2sConn) shutdown() {
 	<-c.finished
 }
 
-// streamError reports a parse failure to the client as a stream error.
+// streamError reports a parse failure to the client as a stream error;
+// network errors just end the connection.
 func (c *c2sConn) streamError(err error) {
+	if cond := conditionOf(err); cond != "" {
+		c.log.Info("bad client stream", zap.Error(err))
+		c.streamErrorCondition(cond)
+	}
+}
+
+var errBinaryMessage = errors.New("binary WebSocket message")
+
+// conditionOf names the stream error (RFC 6120 §4.9.3) for a parse
+// failure, or "" for a failure that is no fault of the XML.
+func conditionOf(err error) string {
 	for _, cond := range []error{xmlstream.ErrNotWellFormed, xmlstream.ErrRestrictedXML, xmlstream.ErrPolicyViolation} {
 		if errors.Is(err, cond) {
-			c.log.Info("bad client stream", zap.Error(err))
-			c.streamErrorCondition(cond.Error())
-			return
+			return cond.Error()
 		}
 	}
+	return ""
 }
 
 func (c *c2sConn) streamErrorCondition(cond string) {

@@ -213,3 +213,28 @@ func (c *countingReader) Read(b []byte) (int, error) {
 	c.n += int64(n)
 	return n, err
 }
+
+// ParseElement parses one complete element, as a WebSocket message carries
+// it (RFC 7395: one stanza, or <open/>/<close/>, per message), with the
+// same rules and limits as a stream.
+func ParseElement(b []byte, limits Limits) (etf.Term, error) {
+	if limits.MaxStanzaBytes > 0 && int64(len(b)) > limits.MaxStanzaBytes {
+		return nil, fmt.Errorf("%w: message over %d bytes", ErrPolicyViolation, limits.MaxStanzaBytes)
+	}
+	p := NewParser(bytes.NewReader(b), limits)
+	p.started = true // no stream header around a framed element
+	el, err := p.Next()
+	if err == io.EOF {
+		return nil, fmt.Errorf("%w: empty message", ErrNotWellFormed)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if t, ok := el.(etf.Tuple); !ok || t[0] != etf.Atom("xmlel") {
+		return nil, fmt.Errorf("%w: a message must hold one element", ErrNotWellFormed)
+	}
+	if _, err := p.Next(); err != io.EOF {
+		return nil, fmt.Errorf("%w: more than one element in a message", ErrNotWellFormed)
+	}
+	return el, nil
+}

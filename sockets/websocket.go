@@ -1,0 +1,260 @@
+package sockets
+
+import (
+	"context"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/megaphone-im/megaphone/etf"
+	"github.com/megaphone-im/megaphone/xmlstream"
+	"go.uber.org/zap"
+)
+
+// WebSocketConfig tunes XMPP over WebSocket (RFC 7395).
+type WebSocketConfig struct {
+	// MaxStanzaBytes bounds one message until ejabberd says its limit.
+	MaxStanzaBytes int64
+	// MaxPendingWrite bounds what may wait to be written to one client;
+	// 0 means 1 MiB.
+	MaxPendingWrite int
+	// HandshakeTimeout bounds the wait for <open/> and for c2s to start.
+	HandshakeTimeout time.Duration
+	Logger           *zap.Logger
+}
+
+// WebSocketHandler serves XMPP over WebSocket on an HTTP path (/ws): each
+// message is one element, parsed here and handed to c2s in element mode.
+type WebSocketHandler struct {
+	cfg      WebSocketConfig
+	backend  StreamBackend
+	upgrader websocket.Upgrader
+}
+
+// NewWebSocketHandler returns the handler.
+func NewWebSocketHandler(cfg WebSocketConfig, backend StreamBackend) *WebSocketHandler {
+	if cfg.MaxStanzaBytes <= 0 {
+		cfg.MaxStanzaBytes = 64 << 10
+	}
+	if cfg.MaxPendingWrite <= 0 {
+		cfg.MaxPendingWrite = 1 << 20
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	return &WebSocketHandler{cfg: cfg, backend: backend, upgrader: websocket.Upgrader{
+		Subprotocols: []string{"xmpp"},
+		// Browser clients of any origin may connect, as with ejabberd's
+		// own /ws; authentication is XMPP's business.
+		CheckOrigin: func(*http.Request) bool { return true },
+	}}
+}
+
+// ServeHTTP upgrades the request and runs the stream.
+func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	conn, err := ConnFrom(r.Context())
+	if err != nil {
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	}
+	if !websocket.IsWebSocketUpgrade(r) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(http.StatusUpgradeRequired)
+		_, _ = w.Write([]byte("XMPP over WebSocket (RFC 7395) lives here; connect with a WebSocket client, subprotocol xmpp.\n"))
+		return
+	}
+	if !hasXMPPSubprotocol(r) {
+		http.Error(w, "the xmpp WebSocket subprotocol is required (RFC 7395)", http.StatusBadRequest)
+		return
+	}
+	ws, err := h.upgrader.Upgrade(w, r, nil)
+	if err != nil {
+		return // the upgrader has answered the client
+	}
+	defer ws.Close()
+	ws.SetReadLimit(h.cfg.MaxStanzaBytes + 1024)
+	c := &wsConn{ws: ws, cfg: h.cfg, log: h.cfg.Logger.With(zap.Uint64("conn", conn.ID)),
+		wake: make(chan struct{}, 1), finished: make(chan struct{})}
+	go c.writeLoop()
+	defer c.shutdown()
+
+	limits := xmlstream.Limits{MaxStanzaBytes: h.cfg.MaxStanzaBytes}
+	_ = ws.SetReadDeadline(time.Now().Add(h.cfg.HandshakeTimeout))
+	open, err := c.readEvent(limits)
+	if err != nil {
+		return
+	}
+	if t, ok := open.(etf.Tuple); !ok || t[0] != etf.Atom("xmlstreamstart") {
+		c.streamError("not-well-formed")
+		return
+	}
+	local := addrPort(conn.LocalAddr())
+	ctx, cancel := context.WithTimeout(r.Context(), h.cfg.HandshakeTimeout)
+	stream, err := h.backend.OpenStream(ctx, etf.C2SOpen{ConnID: conn.ID, Transport: "websocket", Peer: conn.Peer, Local: local}, c)
+	cancel()
+	if err != nil {
+		c.log.Info("ejabberd did not take the stream", zap.Error(err))
+		c.streamError("remote-connection-failed")
+		return
+	}
+	defer stream.Close()
+	if n := stream.MaxStanzaBytes(); n > 0 {
+		limits.MaxStanzaBytes = n
+		ws.SetReadLimit(n + 1024)
+	}
+	_ = ws.SetReadDeadline(time.Time{})
+	if err := stream.Send([]etf.Term{open}); err != nil {
+		return
+	}
+	for {
+		ev, err := c.readEvent(limits)
+		if err != nil {
+			return
+		}
+		if err := stream.Send([]etf.Term{ev}); err != nil {
+			c.streamError("remote-connection-failed")
+			return
+		}
+	}
+}
+
+func hasXMPPSubprotocol(r *http.Request) bool {
+	for _, p := range websocket.Subprotocols(r) {
+		if p == "xmpp" {
+			return true
+		}
+	}
+	return false
+}
+
+// wsConn is one WebSocket client stream.
+type wsConn struct {
+	ws  *websocket.Conn
+	cfg WebSocketConfig
+	log *zap.Logger
+
+	mu       sync.Mutex
+	pending  [][]byte
+	size     int
+	closing  bool
+	wake     chan struct{}
+	finished chan struct{}
+}
+
+// readEvent reads one message and turns it into a c2s event; a broken
+// message gets a stream error.
+func (c *wsConn) readEvent(limits xmlstream.Limits) (etf.Term, error) {
+	kind, msg, err := c.ws.ReadMessage()
+	if err != nil {
+		if websocket.IsCloseError(err, websocket.CloseMessageTooBig) || err == websocket.ErrReadLimit {
+			c.streamError("policy-violation")
+		}
+		return nil, err
+	}
+	if kind != websocket.TextMessage {
+		c.streamError("unsupported-encoding")
+		return nil, errBinaryMessage
+	}
+	el, err := xmlstream.ParseElement(msg, limits)
+	if err != nil {
+		c.log.Info("bad WebSocket message", zap.Error(err))
+		if cond := conditionOf(err); cond != "" {
+			c.streamError(cond)
+		}
+		return nil, err
+	}
+	return xmlstream.FromWebSocket(el), nil
+}
+
+// Write queues one c2s event as a WebSocket message (StreamSink).
+func (c *wsConn) Write(ev etf.Term) {
+	b, ok, err := xmlstream.AppendWebSocketMessage(nil, ev)
+	if err != nil {
+		c.log.Warn("unwritable event from ejabberd; closing", zap.Error(err))
+		c.Close("bad event")
+		return
+	}
+	if ok {
+		c.queue(b)
+	}
+}
+
+// Close ends the connection once what is queued is written (StreamSink).
+func (c *wsConn) Close(reason string) {
+	c.mu.Lock()
+	c.closing = true
+	c.mu.Unlock()
+	c.signal()
+}
+
+func (c *wsConn) queue(b []byte) {
+	c.mu.Lock()
+	if c.closing {
+		c.mu.Unlock()
+		return
+	}
+	c.pending = append(c.pending, b)
+	c.size += len(b)
+	over := c.size > c.cfg.MaxPendingWrite
+	if over {
+		c.closing, c.pending = true, nil
+	}
+	c.mu.Unlock()
+	if over {
+		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", c.cfg.MaxPendingWrite))
+		_ = c.ws.UnderlyingConn().Close()
+	}
+	c.signal()
+}
+
+func (c *wsConn) signal() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// writeLoop is the connection's one writer, as the WebSocket library
+// requires.
+func (c *wsConn) writeLoop() {
+	defer close(c.finished)
+	for {
+		<-c.wake
+		c.mu.Lock()
+		out, closing := c.pending, c.closing
+		c.pending, c.size = nil, 0
+		c.mu.Unlock()
+		for _, m := range out {
+			_ = c.ws.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			if err := c.ws.WriteMessage(websocket.TextMessage, m); err != nil {
+				_ = c.ws.UnderlyingConn().Close()
+				return
+			}
+		}
+		if closing {
+			_ = c.ws.WriteControl(websocket.CloseMessage,
+				websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), time.Now().Add(time.Second))
+			_ = c.ws.UnderlyingConn().Close()
+			return
+		}
+	}
+}
+
+func (c *wsConn) shutdown() {
+	c.Close("done")
+	<-c.finished
+}
+
+func (c *wsConn) streamError(cond string) {
+	b, _ := xmlstream.AppendElement(nil, etf.Tuple{etf.Atom("xmlel"), []byte("stream:error"),
+		etf.List{etf.Tuple{[]byte("xmlns:stream"), []byte("http://etherx.jabber.org/streams")}},
+		etf.List{etf.Tuple{etf.Atom("xmlel"), []byte(cond), etf.List{etf.Tuple{[]byte("xmlns"), []byte(nsStreams)}}, etf.List{}}}})
+	c.queue(b)
+	closeMsg, _, _ := xmlstream.AppendWebSocketMessage(nil, etf.Tuple{etf.Atom("xmlstreamend"), []byte("stream:stream")})
+	c.queue(closeMsg)
+	c.Close(cond)
+}
