@@ -205,7 +205,7 @@ func (e *Ejabberd) Shell(ctx context.Context, commands ...string) (string, error
 
 // cleanTranscript turns raw pty output into plain text: CRLF -> LF, escape
 // sequences dropped, cut from the first remote prompt to just before the
-// end-marker command.
+// end-marker command, redrawn prompt lines dropped.
 func cleanTranscript(raw, node, tok string) string {
 	s := strings.ReplaceAll(raw, "\r\n", "\n")
 	s = strings.ReplaceAll(s, "\r", "")
@@ -222,6 +222,17 @@ func cleanTranscript(raw, node, tok string) string {
 			}
 		}
 	}
+	// OTP 26+'s line editor redraws the input line when Enter is pressed,
+	// so each prompt line shows up twice once the cursor moves are gone.
+	lines := strings.Split(s, "\n")
+	kept := lines[:0]
+	for i, l := range lines {
+		if i > 0 && l == lines[i-1] && strings.HasPrefix(l, "("+node+")") {
+			continue
+		}
+		kept = append(kept, l)
+	}
+	s = strings.Join(kept, "\n")
 	return strings.TrimRight(s, " \n") + "\n"
 }
 
