@@ -11,10 +11,10 @@ import (
 
 // Runner is the single place where erl command lines become processes.
 //
-// The default (HostRunner) runs the erl binary of this machine. A later setup
-// (ejabberd 24.12 / OTP 27 in a Debian 13 chroot) only needs another Runner,
-// e.g. PrefixRunner{Prefix: []string{"chroot", "/srv/deb13"}, Root: "/srv/deb13"}:
-// everything else in this package goes through Command and NodePath/HostPath.
+// The default (HostRunner) runs the erl binary of this machine. The Debian 13
+// target (ejabberd 24.12 / OTP 27 in a chroot, see Targets) is
+// PrefixRunner{Prefix: []string{"chroot", root}, Root: root}: everything else
+// in this package goes through Command and NodePath/HostPath.
 type Runner interface {
 	// Command returns an unstarted command running erl (as seen by the node)
 	// with args. env is the complete environment for the erl process.
