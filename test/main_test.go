@@ -303,6 +303,9 @@ type clientResult struct {
 	Received map[string]int `json:"received"`
 	Roster   map[string]int `json:"roster"`
 	JIDs     map[string]any `json:"jids"`
+	// xmpp_chat.mjs also says how the stream was carried.
+	Transport string `json:"transport"`
+	Secure    *bool  `json:"secure"`
 }
 
 // boshClient is one run of the Strophe.js client pair.
@@ -317,8 +320,14 @@ type boshClient struct {
 // startClient runs two real Strophe.js BOSH clients (alice and bob).
 func startClient(t *testing.T, url string, args ...string) *boshClient {
 	t.Helper()
-	all := append([]string{"bosh_chat.mjs", "--url", url, "--a", "alice@localhost", "--b", "bob@localhost",
-		"--password", demoPassword}, args...)
+	return startNodeClient(t, append([]string{"bosh_chat.mjs", "--url", url, "--a", "alice@localhost",
+		"--b", "bob@localhost", "--password", demoPassword}, args...)...)
+}
+
+// startNodeClient runs one of the npm client scripts in test/clients; it
+// speaks the READY / one-JSON-line convention they share.
+func startNodeClient(t *testing.T, all ...string) *boshClient {
+	t.Helper()
 	c := &boshClient{ready: make(chan struct{}), result: make(chan clientResult, 1)}
 	c.cmd = exec.Command("node", all...)
 	c.cmd.Dir = clientsDir

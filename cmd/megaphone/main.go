@@ -39,6 +39,7 @@ type options struct {
 	c2sTLSAddr    string
 	tlsCert       string
 	wsPath        string
+	handshake     time.Duration
 	tlsKey        string
 	boshPaths     string
 	maxBody       int64
@@ -89,6 +90,7 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&o.boshAddr, "bosh-addr", "127.0.0.1:5280", "BOSH HTTP listen address (empty: off)")
 	fs.StringVar(&o.c2sAddr, "c2s-addr", "", "XMPP client listen address, e.g. 127.0.0.1:5222 (empty: off); STARTTLS is required when --tls-cert is set")
 	fs.StringVar(&o.c2sTLSAddr, "c2s-tls-addr", "", "XMPP direct-TLS (XEP-0368) listen address, e.g. 127.0.0.1:5223 (empty: off; needs --tls-cert)")
+	fs.DurationVar(&o.handshake, "handshake-timeout", 30*time.Second, "how long a client stream may take to open (header, STARTTLS, TLS handshake)")
 	fs.StringVar(&o.wsPath, "ws-path", "/ws", "URL path of XMPP over WebSocket (RFC 7395) on the HTTP listener (empty: off)")
 	fs.StringVar(&o.tlsCert, "tls-cert", "", "PEM certificate chain for client TLS (reloaded on SIGHUP)")
 	fs.StringVar(&o.tlsKey, "tls-key", "", "PEM private key for --tls-cert")
@@ -169,7 +171,7 @@ func run(ctx context.Context, o options, log *zap.Logger) error {
 	mux := http.NewServeMux()
 	if o.wsPath != "" {
 		mux.Handle(o.wsPath, sockets.NewWebSocketHandler(sockets.WebSocketConfig{
-			MaxStanzaBytes: o.maxBody, Logger: log.Named("ws")}, streams))
+			MaxStanzaBytes: o.maxBody, HandshakeTimeout: o.handshake, Logger: log.Named("ws")}, streams))
 	}
 	for _, p := range strings.Split(o.boshPaths, ",") {
 		if p = strings.TrimSpace(p); p != "" {

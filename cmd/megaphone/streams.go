@@ -42,7 +42,7 @@ func serveC2S(ctx context.Context, o options, ids *sockets.IDs, limits sockets.L
 	if o.c2sAddr == "" && o.c2sTLSAddr == "" {
 		return nil
 	}
-	cfg := sockets.C2SConfig{MaxStanzaBytes: o.maxBody, Logger: log.Named("c2s")}
+	cfg := sockets.C2SConfig{MaxStanzaBytes: o.maxBody, HandshakeTimeout: o.handshake, Logger: log.Named("c2s")}
 	if o.tlsCert != "" {
 		certs, err := sockets.LoadCertificates(o.tlsCert, o.tlsKey)
 		if err != nil {

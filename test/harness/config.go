@@ -15,6 +15,8 @@ type configParams struct {
 	ExtraFile string // include_config_file target, "" for none
 	// BOSHInactivity is mod_bosh's max_inactivity in seconds; 0: default.
 	BOSHInactivity int
+	// ResumeTimeout is mod_stream_mgmt's resume_timeout in seconds; 0: default.
+	ResumeTimeout int
 }
 
 // yamlQuote returns s as a double-quoted YAML scalar.
@@ -95,8 +97,8 @@ modules:
   mod_offline: {}
   mod_ping: {}
   mod_roster: {}
-  mod_stream_mgmt: {}
-`, p.C2SPort, p.HTTPPort, modBOSHOptions(p))
+  mod_stream_mgmt: %s
+`, p.C2SPort, p.HTTPPort, modBOSHOptions(p), modStreamMgmtOptions(p))
 	if p.ExtraFile != "" {
 		w("\n# Options.ExtraConfig: maps and lists (modules, listen, acl, access_rules, ...)\n")
 		w("# are merged with the ones above by ejabberd; redefining a key is an error.\n")
@@ -108,6 +110,13 @@ modules:
 func modBOSHOptions(p configParams) string {
 	if p.BOSHInactivity > 0 {
 		return fmt.Sprintf("{max_inactivity: %d}", p.BOSHInactivity)
+	}
+	return "{}"
+}
+
+func modStreamMgmtOptions(p configParams) string {
+	if p.ResumeTimeout > 0 {
+		return fmt.Sprintf("{resume_timeout: %d}", p.ResumeTimeout)
 	}
 	return "{}"
 }

@@ -74,6 +74,10 @@ type Options struct {
 	// BOSHInactivity sets mod_bosh's max_inactivity (how long a BOSH
 	// session lives without requests); 0 keeps ejabberd's default (30 s).
 	BOSHInactivity time.Duration
+	// ResumeTimeout sets mod_stream_mgmt's resume_timeout: how long a
+	// stream-managed session waits for its client to resume after the
+	// connection drops; 0 keeps ejabberd's default (300 s).
+	ResumeTimeout time.Duration
 }
 
 // Ejabberd is a running (or stopped) private ejabberd node.
@@ -286,7 +290,7 @@ func (e *Ejabberd) startOnce(ctx context.Context, opts Options) error {
 		extra = e.runner.NodePath(p)
 	}
 	cfg := renderConfig(configParams{Hosts: e.Hosts, C2SPort: e.C2SPort, HTTPPort: e.HTTPPort, ExtraFile: extra,
-		BOSHInactivity: int(opts.BOSHInactivity / time.Second)})
+		BOSHInactivity: int(opts.BOSHInactivity / time.Second), ResumeTimeout: int(opts.ResumeTimeout / time.Second)})
 	if err := os.WriteFile(e.ConfigFile, []byte(cfg), 0o600); err != nil {
 		return fmt.Errorf("harness: %w", err)
 	}

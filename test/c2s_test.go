@@ -1,0 +1,196 @@
+package test
+
+import (
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/megaphone-im/megaphone/test/harness"
+)
+
+// streamSidecar runs the sidecar with every client listener on: XMPP with
+// required STARTTLS, direct TLS, WebSocket at /ws, and BOSH.
+type streamSidecar struct {
+	*sidecar
+	c2s, c2sTLS string
+}
+
+func startStreamSidecar(t *testing.T, ej *harness.Ejabberd, extra ...string) *streamSidecar {
+	t.Helper()
+	cert, key, err := harness.SelfSignedCert(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := func() string {
+		p, err := harness.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fmt.Sprintf("127.0.0.1:%d", p)
+	}
+	c2s, c2sTLS := addr(), addr()
+	args := append([]string{"--c2s-addr", c2s, "--c2s-tls-addr", c2sTLS, "--tls-cert", cert, "--tls-key", key}, extra...)
+	return &streamSidecar{sidecar: startSidecar(t, ej, "", args...), c2s: c2s, c2sTLS: c2sTLS}
+}
+
+func (s *streamSidecar) wsURL() string { return "ws://" + s.addr + "/ws" }
+
+// xmppChat runs the real @xmpp/client pair (alice and bob) on a service.
+func xmppChat(t *testing.T, service string, args ...string) *boshClient {
+	t.Helper()
+	return startNodeClient(t, append([]string{"xmpp_chat.mjs", "--service", service, "--domain", "localhost",
+		"--a", "alice", "--b", "bob", "--password", demoPassword, "--insecure"}, args...)...)
+}
+
+// Real @xmpp/client clients log in through the sidecar over STARTTLS,
+// direct TLS and WebSocket, chat 1,000 messages each way in order, fetch
+// rosters and log out; ejabberd runs their c2s in element mode and reports
+// the right transport and the clients' real address; nothing is left.
+func TestXMPPClientsThroughSidecar(t *testing.T) { forEachTarget(t, testXMPPClientsThroughSidecar) }
+
+func testXMPPClientsThroughSidecar(t *testing.T, tg target) {
+	ej := tg.startEjabberd(t, harness.Options{})
+	base := evalInt(t, ej, leftoverExpr)
+	sc := startStreamSidecar(t, ej)
+
+	for _, tc := range []struct {
+		name, service string
+		args          []string
+		transport     string // as ejabberd's session table shows it
+	}{
+		{"starttls", "xmpp://" + sc.c2s, []string{"--starttls", "required"}, "c2s_tls"},
+		{"direct-tls", "xmpps://" + sc.c2sTLS, nil, "c2s_tls"},
+		{"websocket", sc.wsURL(), nil, "websocket"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res := xmppChat(t, tc.service, append([]string{"--count", "1000", "--timeout", "120"}, tc.args...)...).
+				wait(t, 3*time.Minute)
+			if res.Received["a"] != 1000 || res.Received["b"] != 1000 {
+				t.Errorf("received %v", res.Received)
+			}
+			if tc.transport != "websocket" && (res.Secure == nil || !*res.Secure) {
+				t.Errorf("stream was not encrypted: %+v", res)
+			}
+
+			// While logged in: the transport and the real client address.
+			live := xmppChat(t, tc.service, append([]string{"--mode", "live", "--duration", "4", "--settle", "3",
+				"--timeout", "60", "--local-address", "127.0.0.3"}, tc.args...)...)
+			live.waitReady(t)
+			info := eval(t, ej, `[ {proplists:get_value(conn, I), proplists:get_value(ip, I)}
+			    || {U, S, R} <- ejabberd_sm:dirty_get_sessions_list(),
+			       I <- [ejabberd_sm:get_user_info(U, S, R)] ]`)
+			re := regexp.MustCompile(`\{` + tc.transport + `,\{\{127,0,0,3\},\d+\}\}`)
+			if n := len(re.FindAllString(info, -1)); n != 2 {
+				t.Errorf("want 2 sessions {%s, {{127,0,0,3}, Port}}, got %s", tc.transport, info)
+			}
+			live.wait(t, time.Minute)
+			waitUntil(t, 10*time.Second, "c2s processes gone after logout", func() bool {
+				return evalInt(t, ej, leftoverExpr) == base
+			})
+		})
+	}
+}
+
+// Closing from every side: ejabberd kicks the session, the sidecar dies.
+// Clients see the stream end, and ejabberd keeps no c2s process. The
+// clients use stream management, so when their connection drops ejabberd
+// keeps their session resumable for resume_timeout (XEP-0198), as it does
+// for its own listeners; the test sets that to 3 s.
+func TestXMPPStreamsClosedFromEverySide(t *testing.T) {
+	ej := startEjabberd(t, harness.Options{ResumeTimeout: 3 * time.Second})
+	base := evalInt(t, ej, leftoverExpr)
+	sc := startStreamSidecar(t, ej)
+
+	// ejabberd kicks alice: her client ends (the pair reports failure).
+	live := xmppChat(t, "xmpps://"+sc.c2sTLS, "--mode", "live", "--duration", "20", "--timeout", "60")
+	live.waitReady(t)
+	eval(t, ej, `[ejabberd_sm:kick_user(U, S) || {U, S, _} <- ejabberd_sm:dirty_get_sessions_list()], ok`)
+	select {
+	case res := <-live.result:
+		if res.OK {
+			t.Errorf("clients did not notice the kick: %+v", res)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("kicked clients did not end")
+	}
+	waitUntil(t, 10*time.Second, "no c2s after the kick", func() bool { return evalInt(t, ej, leftoverExpr) == base })
+
+	// The sidecar dies: every c2s it fed ends at once (they monitor it).
+	live = xmppChat(t, "xmpp://"+sc.c2s, "--mode", "live", "--duration", "20", "--timeout", "60", "--starttls", "required")
+	live.waitReady(t)
+	if n := evalInt(t, ej, "length(ejabberd_sm:dirty_get_sessions_list())"); n != 2 {
+		t.Fatalf("%d sessions, want 2", n)
+	}
+	sc.kill()
+	waitUntil(t, 15*time.Second, "c2s processes end with the sidecar (after resume_timeout)", func() bool {
+		return evalInt(t, ej, leftoverExpr) == base &&
+			evalInt(t, ej, "length(ejabberd_sm:dirty_get_sessions_list())") == 0
+	})
+}
+
+// Bad input on a stream gets a stream error and a close, and affects
+// nobody else.
+func TestXMPPBadInput(t *testing.T) {
+	ej := startEjabberd(t, harness.Options{})
+	sc := startStreamSidecar(t, ej, "--handshake-timeout", "2s")
+	tlsDial := func() net.Conn {
+		t.Helper()
+		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", sc.c2sTLS,
+			&tls.Config{InsecureSkipVerify: true}) // the test's own self-signed cert
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	exchange := func(c net.Conn, send string) string {
+		t.Helper()
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, send); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(c)
+		return string(b)
+	}
+	header := `<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>`
+
+	// A healthy pair chats through the same sidecar the whole time.
+	bystanders := xmppChat(t, "xmpps://"+sc.c2sTLS, "--mode", "live", "--duration", "10", "--timeout", "60")
+	bystanders.waitReady(t)
+
+	plain, err := net.DialTimeout("tcp", sc.c2s, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := exchange(plain, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"); !strings.Contains(got, "<not-well-formed") {
+		t.Errorf("garbage before the header: %q", got)
+	}
+	if got := exchange(tlsDial(), `<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a "aaaaaaaa"><!ENTITY b "&a;&a;&a;&a;">]>`+header); !strings.Contains(got, "<restricted-xml") {
+		t.Errorf("entity bomb: %q", got)
+	}
+	plain, _ = net.DialTimeout("tcp", sc.c2s, 5*time.Second)
+	if got := exchange(plain, header+`<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAGRlbW8=</auth>`); !strings.Contains(got, "<policy-violation") {
+		t.Errorf("auth without the required STARTTLS: %q", got)
+	}
+	big := header + `<message to='bob@localhost'><body>` + strings.Repeat("x", 300<<10) + `</body></message>`
+	if got := exchange(tlsDial(), big); !strings.Contains(got, "<policy-violation") {
+		t.Errorf("stanza over max_stanza_size: %q", tail(got, 3))
+	}
+	// A TLS handshake that never finishes is cut at the handshake timeout.
+	stall, _ := net.DialTimeout("tcp", sc.c2sTLS, 5*time.Second)
+	start := time.Now()
+	_ = stall.SetDeadline(time.Now().Add(10 * time.Second))
+	if n, _ := stall.Read(make([]byte, 1)); n != 0 || time.Since(start) > 8*time.Second {
+		t.Errorf("stalled TLS handshake was not cut (read %d bytes after %s)", n, time.Since(start))
+	}
+	stall.Close()
+
+	if res := bystanders.wait(t, time.Minute); !res.OK {
+		t.Errorf("bystanders hurt: %+v", res)
+	}
+}
