@@ -94,6 +94,12 @@ func testXMPPClientsThroughSidecar(t *testing.T, tg target) {
 			})
 		})
 	}
+	t.Run("strophe-websocket", func(t *testing.T) {
+		res := startClient(t, sc.wsURL(), "--count", "1000", "--timeout", "120").wait(t, 3*time.Minute)
+		if res.Received["a"] != 1000 || res.Received["b"] != 1000 {
+			t.Errorf("received %v", res.Received)
+		}
+	})
 }
 
 // Closing from every side: ejabberd kicks the session, the sidecar dies.

@@ -76,7 +76,8 @@ function parseCli(argv) {
     for (const k of ['url', 'a', 'b']) {
         if (!values[k]) throw new Error(`--${k} is required\n${USAGE}`);
     }
-    if (!/^https?:\/\//.test(values.url)) throw new Error('--url must be an http(s) URL');
+    // http(s): BOSH; ws(s): Strophe's WebSocket transport (RFC 7395).
+    if (!/^(https?|wss?):\/\//.test(values.url)) throw new Error('--url must be an http(s) or ws(s) URL');
     const password = values.password ?? process.env.DEMO_PASSWORD;
     if (!password) throw new Error('no password: pass --password or set DEMO_PASSWORD');
     if (!['chat', 'live'].includes(values.mode)) throw new Error(`--mode must be chat or live, got ${values.mode}`);
