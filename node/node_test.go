@@ -45,9 +45,12 @@ Loop = fun Loop() ->
   end,
   Loop()
 end,
-register(peer, self()),
+%% The peer is a process of its own, not the -eval process: that one runs
+%% during boot, and on OTP 26+ its death ({die, R}) halts the whole node
+%% ("Runtime terminating during boot") before 'EXIT' and 'DOWN' reach us.
+register(peer, spawn(fun() -> Loop() end)),
 io:format("ready~n"),
-Loop().
+receive after infinity -> ok end.
 `
 
 type collector struct {
