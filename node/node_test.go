@@ -46,7 +46,7 @@ Loop = fun Loop() ->
   Loop()
 end,
 %% The peer is a process of its own, not the -eval process: that one runs
-%% during boot, and on OTP 26+ its death ({die, R}) halts the whole node
+%% during boot, and its death ({die, R}) halts the whole node (OTP 25 and 27)
 %% ("Runtime terminating during boot") before 'EXIT' and 'DOWN' reach us.
 register(peer, spawn(fun() -> Loop() end)),
 io:format("ready~n"),
