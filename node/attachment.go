@@ -324,6 +324,8 @@ func (a *Attachment) setDetached(reason string) {
 	a.lastErr = reason
 	a.mu.Unlock()
 	switch {
+	case reason == "stopped":
+		a.log.Info("detached from the shim: the sidecar is stopping")
 	case wasAttached:
 		a.log.Warn("detached from the shim; re-attaching", zap.String("reason", reason))
 	case !repeated:

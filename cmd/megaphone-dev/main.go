@@ -19,7 +19,9 @@ import (
 )
 
 const (
-	sidecarBOSH = "127.0.0.1:5280"
+	sidecarBOSH = "127.0.0.1:5280" // BOSH at /bosh, WebSocket at /ws
+	sidecarC2S  = "127.0.0.1:5222" // XMPP, STARTTLS required
+	sidecarTLS  = "127.0.0.1:5223" // XMPP, direct TLS
 	nativeC2S   = 5322 // ejabberd's own listeners, for side-by-side comparison
 	nativeHTTP  = 5380
 )
@@ -69,7 +71,12 @@ func run() error {
 		return err
 	}
 
-	sidecar := exec.Command(bin, "--node", ej.Node, "--cookie-file", ej.CookieFile, "--bosh-addr", sidecarBOSH)
+	cert, key, err := harness.SelfSignedCert(filepath.Join(filepath.Dir(dir), "tls"))
+	if err != nil {
+		return err
+	}
+	sidecar := exec.Command(bin, "--node", ej.Node, "--cookie-file", ej.CookieFile, "--bosh-addr", sidecarBOSH,
+		"--c2s-addr", sidecarC2S, "--c2s-tls-addr", sidecarTLS, "--tls-cert", cert, "--tls-key", key)
 	sidecar.Stdout, sidecar.Stderr = os.Stdout, os.Stderr
 	sidecar.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	if err := sidecar.Start(); err != nil {
@@ -83,6 +90,9 @@ func run() error {
  Megaphone is serving.
 
  BOSH through the sidecar:   http://%s/bosh
+ WebSocket (RFC 7395):       ws://%s/ws
+ XMPP, STARTTLS required:    %s
+ XMPP, direct TLS:           %s   (self-signed certificate in %s)
  ejabberd's own BOSH:        http://127.0.0.1:%d/bosh   (for comparison)
  ejabberd's own XMPP (c2s):  127.0.0.1:%d
 
@@ -97,7 +107,7 @@ func run() error {
    then: megaphone:status().
  Ctrl-C stops everything.
 ================================================================
-`, sidecarBOSH, nativeHTTP, nativeC2S, password, ej.Node, ej.CookieFile, ej.LogFile, ej.Dir, ej.Node)
+`, sidecarBOSH, sidecarBOSH, sidecarC2S, sidecarTLS, filepath.Dir(cert), nativeHTTP, nativeC2S, password, ej.Node, ej.CookieFile, ej.LogFile, ej.Dir, ej.Node)
 
 	select {
 	case err := <-exited:
