@@ -32,7 +32,8 @@
 //    process only) to merge ours in: rejectUnauthorized (false with --insecure),
 //    ca (--ca), servername (the XMPP domain, so SNI and the certificate check use
 //    the domain, not 127.0.0.1) and, for direct TLS only, ALPN "xmpp-client"
-//    (XEP-0368). NODE_TLS_REJECT_UNAUTHORIZED is not touched.
+//    (XEP-0368); it also bounds the handshake by --step-timeout-ms.
+//    NODE_TLS_REJECT_UNAUTHORIZED is not touched.
 //  * TCP / direct TLS: Connection.connect() calls this.socketParameters(service)
 //    and hands the result to net.Socket#connect / tls.connect. We override
 //    socketParameters on each client instance to add localAddress.
@@ -213,28 +214,34 @@ function perSide(fn) {
     return out;
 }
 
-/** true/false if every client agrees, else the per-side map. */
-function merged(fn) {
-    const m = perSide(fn);
-    const vals = Object.values(m);
-    if (vals.length === 2 && vals[0] === vals[1]) return vals[0];
-    return m;
+/**
+ * One boolean for both sides, so the JSON field always has the same type: null
+ * while no side knows yet, otherwise `every` (or `some`) over the sides that do.
+ */
+function allSides(fn, how = 'every') {
+    const vals = Object.values(perSide(fn)).filter((v) => v !== null && v !== undefined);
+    if (vals.length === 0) return null;
+    return how === 'some' ? vals.some(Boolean) : vals.every(Boolean);
 }
 
 function stats() {
     return {
         transport: opts.transport,
         service: opts.service,
-        // tcp: was the stream upgraded with STARTTLS (the socket is a TLSSocket)?
-        // null for xmpps:// and ws(s)://.
-        starttls: opts.transport === 'tcp' ? merged((c) => c.info.starttls ?? c.sawProceed) : null,
-        // tcp: did the server's first <stream:features> offer <starttls/>?
-        starttls_offered: opts.transport === 'tcp' ? merged((c) => c.starttlsOffered) : null,
-        // @xmpp/client's own notion (Connection#isSecure): true for TLS, and also
-        // for ws:// to localhost/127.0.0.1/::1. It decides whether SASL PLAIN may
-        // be used. `tls` below says whether the socket is really encrypted.
-
-        secure: merged((c) => c.info.secure ?? null),
+        // tcp: were the streams upgraded with STARTTLS (the socket became a TLSSocket)?
+        // null for xmpps:// and ws(s)://. by_side.starttls has each side's answer.
+        starttls: opts.transport === 'tcp' ? allSides((c) => c.info.starttls ?? c.tlsUpgraded) : null,
+        // tcp: did the server's first <stream:features> offer <starttls/> (to either side)?
+        starttls_offered: opts.transport === 'tcp' ? allSides((c) => c.starttlsOffered, 'some') : null,
+        // @xmpp/client's own notion (Connection#isSecure) for every side that got
+        // online: true for TLS, and ALSO for ws:// to localhost/127.0.0.1/::1 (it
+        // decides whether SASL PLAIN may be used). `tls` says whether a socket is
+        // really encrypted.
+        secure: allSides((c) => c.info.secure),
+        by_side: {
+            starttls: opts.transport === 'tcp' ? perSide((c) => c.info.starttls ?? c.tlsUpgraded) : null,
+            secure: perSide((c) => c.info.secure ?? null),
+        },
         tls: perSide((c) => c.info.tls ?? null),
         sasl: perSide((c) => c.info.sasl ?? null),
         sm: perSide((c) => c.info.sm ?? null),
@@ -339,7 +346,22 @@ function installTlsOptions() {
         // {socket} means STARTTLS (upgrade an existing TCP socket); otherwise XEP-0368
         // direct TLS, which should announce ALPN "xmpp-client".
         if (!options || !options.socket) extra.ALPNProtocols = ['xmpp-client'];
-        return original.call(this, { ...options, ...extra }, ...rest);
+        const ret = original.call(this, { ...options, ...extra }, ...rest);
+        // Node's TLS handshake has no timeout of its own: bound it by the step timeout.
+        const sock = this.socket;
+        if (sock && typeof sock.once === 'function') {
+            const ms = opts.stepTimeoutMs;
+            const timer = setTimeout(() => {
+                if (sock.destroyed) return;
+                const err = new Error(`TLS handshake not finished within --step-timeout-ms ${ms}`);
+                err.code = 'ETLSHANDSHAKETIMEOUT';
+                sock.destroy(err);
+            }, ms);
+            timer.unref();
+            sock.once('secureConnect', () => clearTimeout(timer));
+            sock.once('close', () => clearTimeout(timer));
+        }
+        return ret;
     };
     patched.__megaphonePatched = true;
     TlsSocketWrapper.prototype.connect = patched;
@@ -401,6 +423,7 @@ class Client {
         this.socketClose = null; // {clean} from the 'disconnect' event (socket closed)
         this.starttlsOffered = null;
         this.sawProceed = false;
+        this.tlsUpgraded = false; // TCP stream upgraded with STARTTLS (so far)
     }
 
     log(msg) {
@@ -473,6 +496,8 @@ class Client {
         }
 
         xmpp.on('status', (status, arg) => {
+            // After STARTTLS @xmpp/starttls attaches a TLS socket wrapper and reopens the stream.
+            if (status === 'opening' && this.sawProceed && xmpp.socket instanceof TlsSocketWrapper) this.tlsUpgraded = true;
             let extra = '';
             if (arg && typeof arg === 'object' && 'clean' in arg) extra = arg.clean ? '(clean)' : '(dirty)';
             this.statusLog.push(status + extra);
@@ -486,7 +511,6 @@ class Client {
             // Before 'online', start() rejects with this error; after it, any error is fatal.
             if (this.online && !this.closing) {
                 const e = new Error(this.describe(`${this.side}: ${m}`));
-                e.name = err.name;
                 if (err.condition) e.condition = err.condition;
                 fail(e);
             }
@@ -583,8 +607,11 @@ class Client {
         } catch (err) {
             // e.g. SASLError not-authorized (wrong password), StreamError <condition>,
             // a socket error (ECONNREFUSED, a certificate error), TimeoutError.
-            const e = new Error(this.describe(`${this.side} (${this.username}@${opts.domain}): login failed: `
-                + `${err?.name || 'Error'}: ${err?.message ?? err}`));
+            let what = `${err?.name || 'Error'}: ${err?.message ?? err}`;
+            if (err?.name === 'TimeoutError' && !err.message) {
+                what = `TimeoutError: no answer from the server within --step-timeout-ms ${opts.stepTimeoutMs}`;
+            }
+            const e = new Error(this.describe(`${this.side} (${this.username}@${opts.domain}): login failed: ${what}`));
             if (err?.condition) e.condition = err.condition;
             if (err?.code) e.code = err.code;
             throw e;
