@@ -232,28 +232,45 @@ func startPeer(t *testing.T, tg harness.Target, extraArgs ...string) *peerNode {
 	return p
 }
 
-func TestRealDistributionLink(t *testing.T) { forEachPeer(t, testRealDistributionLink) }
+// connected is a sidecar node with a live link to a peer.
+type connected struct {
+	node *Node
+	link *Link
+	in   *collector
+}
 
-func testRealDistributionLink(t *testing.T, tg harness.Target) {
-	p := startPeer(t, tg)
-	peer := p.name
-	n, err := New(Config{Name: "megaphone_test@localhost", Cookie: p.cookie, Logger: zaptest.NewLogger(t)})
+// dialPeer makes a sidecar node called name and links it to the peer.
+func dialPeer(t *testing.T, p *peerNode, cfg Config) *connected {
+	t.Helper()
+	cfg.Cookie, cfg.Logger = p.cookie, zaptest.NewLogger(t)
+	n, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := newCollector()
-	link, err := n.Dial(context.Background(), peer, c.handle)
+	link, err := n.Dial(context.Background(), p.name, c.handle)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer link.Close()
-	self := n.Self()
-	send := func(msg etf.Term) {
-		t.Helper()
-		if err := link.RegSend("peer", msg); err != nil {
-			t.Fatal(err)
-		}
+	t.Cleanup(link.Close)
+	return &connected{node: n, link: link, in: c}
+}
+
+// send sends msg to the peer's 'peer' process.
+func (c *connected) send(t *testing.T, msg etf.Term) {
+	t.Helper()
+	if err := c.link.RegSend("peer", msg); err != nil {
+		t.Fatal(err)
 	}
+}
+
+func TestRealDistributionLink(t *testing.T) { forEachPeer(t, testRealDistributionLink) }
+
+func testRealDistributionLink(t *testing.T, tg harness.Target) {
+	p := startPeer(t, tg)
+	cn := dialPeer(t, p, Config{Name: "megaphone_test@localhost"})
+	n, link, c, self := cn.node, cn.link, cn.in, cn.node.Self()
+	send := func(msg etf.Term) { t.Helper(); cn.send(t, msg) }
 
 	send(etf.Tuple{etf.Atom("nodes"), self})
 	m := c.waitFor(t, "nodes reply", tagged("nodes")).(etf.Tuple)
@@ -345,23 +362,9 @@ func TestLinksAndMonitorsFromGo(t *testing.T) { forEachPeer(t, testLinksAndMonit
 
 func testLinksAndMonitorsFromGo(t *testing.T, tg harness.Target) {
 	peer := startPeer(t, tg)
-	n, err := New(Config{Name: "megaphone_links@localhost", Cookie: peer.cookie, Logger: zaptest.NewLogger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := newCollector()
-	link, err := n.Dial(context.Background(), peer.name, c.handle)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer link.Close()
-	self := n.Self()
-	send := func(msg etf.Term) {
-		t.Helper()
-		if err := link.RegSend("peer", msg); err != nil {
-			t.Fatal(err)
-		}
-	}
+	cn := dialPeer(t, peer, Config{Name: "megaphone_links@localhost"})
+	link, c, self := cn.link, cn.in, cn.node.Self()
+	send := func(msg etf.Term) { t.Helper(); cn.send(t, msg) }
 	// linkedToUs asks the peer whether its process is linked to ours (it
 	// has local links of its own, which we leave out).
 	linkedToUs := func() bool {
@@ -423,17 +426,8 @@ func TestIdleLinkTicks(t *testing.T) { forEachPeer(t, testIdleLinkTicks) }
 
 func testIdleLinkTicks(t *testing.T, tg harness.Target) {
 	peer := startPeer(t, tg, "-kernel", "net_ticktime", "4")
-	n, err := New(Config{Name: "megaphone_tick@localhost", Cookie: peer.cookie, TickInterval: time.Second,
-		Logger: zaptest.NewLogger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := newCollector()
-	link, err := n.Dial(context.Background(), peer.name, c.handle)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer link.Close()
+	cn := dialPeer(t, peer, Config{Name: "megaphone_tick@localhost", TickInterval: time.Second})
+	n, link, c := cn.node, cn.link, cn.in
 	select {
 	case <-link.Done():
 		t.Fatalf("idle link dropped: %v", link.Err())

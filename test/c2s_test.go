@@ -41,7 +41,7 @@ func startStreamSidecar(t *testing.T, ej *harness.Ejabberd, extra ...string) *st
 func (s *streamSidecar) wsURL() string { return "ws://" + s.addr + "/ws" }
 
 // xmppChat runs the real @xmpp/client pair (alice and bob) on a service.
-func xmppChat(t *testing.T, service string, args ...string) *boshClient {
+func xmppChat(t *testing.T, service string, args ...string) *nodeClient {
 	t.Helper()
 	return startNodeClient(t, append([]string{"xmpp_chat.mjs", "--service", service, "--domain", "localhost",
 		"--a", "alice", "--b", "bob", "--password", demoPassword, "--insecure"}, args...)...)
@@ -116,13 +116,12 @@ func TestXMPPStreamsClosedFromEverySide(t *testing.T) {
 	live := xmppChat(t, "xmpps://"+sc.c2sTLS, "--mode", "live", "--duration", "20", "--timeout", "60")
 	live.waitReady(t)
 	eval(t, ej, `[ejabberd_sm:kick_user(U, S) || {U, S, _} <- ejabberd_sm:dirty_get_sessions_list()], ok`)
-	select {
-	case res := <-live.result:
-		if res.OK {
-			t.Errorf("clients did not notice the kick: %+v", res)
-		}
-	case <-time.After(30 * time.Second):
+	var kicked clientResult
+	if !live.finished(t, 30*time.Second, &kicked) {
 		t.Fatal("kicked clients did not end")
+	}
+	if kicked.OK {
+		t.Errorf("clients did not notice the kick: %+v", kicked)
 	}
 	waitUntil(t, 10*time.Second, "no c2s after the kick", func() bool { return evalInt(t, ej, leftoverExpr) == base })
 

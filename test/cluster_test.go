@@ -1,15 +1,11 @@
 package test
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -108,73 +104,32 @@ type swarmResult struct {
 	Received   int            `json:"received"`
 }
 
-type swarmClient struct {
-	cmd    *exec.Cmd
-	stderr bytes.Buffer
-	ready  chan map[string]int
-	result chan swarmResult
-}
-
 // startSwarm runs many real Strophe.js BOSH sessions (user1..userN).
-func startSwarm(t *testing.T, url string, args ...string) *swarmClient {
+func startSwarm(t *testing.T, url string, args ...string) *swarm {
 	t.Helper()
-	c := &swarmClient{ready: make(chan map[string]int, 1), result: make(chan swarmResult, 1)}
-	c.cmd = exec.Command("node", append([]string{"bosh_swarm.mjs", "--url", url, "--password", demoPassword}, args...)...)
-	c.cmd.Dir = clientsDir
-	c.cmd.Stderr = &c.stderr
-	c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	out, err := c.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.cmd.Process.Kill() })
-	go func() {
-		sc := bufio.NewScanner(out)
-		var res swarmResult
-		for sc.Scan() {
-			line := strings.TrimSpace(sc.Text())
-			if rest, ok := strings.CutPrefix(line, "READY "); ok {
-				var counts map[string]int
-				_ = json.Unmarshal([]byte(rest), &counts)
-				c.ready <- counts
-			} else if strings.HasPrefix(line, "{") {
-				if err := json.Unmarshal([]byte(line), &res); err != nil {
-					res.Error = "unparsable: " + line
-				}
-			}
-		}
-		_ = c.cmd.Wait()
-		c.result <- res
-	}()
-	return c
+	return &swarm{startNodeClient(t, append([]string{"bosh_swarm.mjs", "--url", url, "--password", demoPassword}, args...)...)}
 }
 
-func (c *swarmClient) waitReady(t *testing.T) map[string]int {
+type swarm struct{ *nodeClient }
+
+// waitReady returns the swarm's login counts.
+func (c *swarm) waitReady(t *testing.T) map[string]int {
 	t.Helper()
-	select {
-	case counts := <-c.ready:
-		return counts
-	case res := <-c.result:
-		t.Fatalf("swarm ended before READY: %+v\n%s", res, tail(c.stderr.String(), 40))
-	case <-time.After(3 * time.Minute):
-		t.Fatalf("swarm not READY within 3 minutes\n%s", tail(c.stderr.String(), 40))
+	var counts map[string]int
+	if err := json.Unmarshal([]byte(c.nodeClient.waitReady(t)), &counts); err != nil {
+		t.Fatalf("READY line: %v", err)
 	}
-	return nil
+	return counts
 }
 
-func (c *swarmClient) wait(t *testing.T, limit time.Duration) swarmResult {
+func (c *swarm) wait(t *testing.T, limit time.Duration) swarmResult {
 	t.Helper()
-	select {
-	case res := <-c.result:
-		if !res.OK {
-			t.Fatalf("swarm failed: %s\n%s", res.Error, tail(c.stderr.String(), 40))
-		}
-		return res
-	case <-time.After(limit):
+	var res swarmResult
+	if !c.finished(t, limit, &res) {
 		t.Fatalf("swarm did not finish within %s\n%s", limit, tail(c.stderr.String(), 40))
 	}
-	return swarmResult{}
+	if !res.OK {
+		t.Fatalf("swarm failed: %s\n%s", res.Error, tail(c.stderr.String(), 40))
+	}
+	return res
 }

@@ -308,27 +308,28 @@ type clientResult struct {
 	Secure    *bool  `json:"secure"`
 }
 
-// boshClient is one run of the Strophe.js client pair.
-type boshClient struct {
+// nodeClient is one run of an npm client script in test/clients. The
+// scripts share a convention: a line starting with READY once logged in
+// (the rest of the line may carry JSON), and one JSON line at the end.
+type nodeClient struct {
 	cmd    *exec.Cmd
-	stdout *bufio.Scanner
 	stderr bytes.Buffer
-	ready  chan struct{}
-	result chan clientResult
+	ready  chan string // what follows READY on its line
+	result chan string // the final JSON line ("" if none came)
 }
 
-// startClient runs two real Strophe.js BOSH clients (alice and bob).
-func startClient(t *testing.T, url string, args ...string) *boshClient {
+// startClient runs two real Strophe.js clients (alice and bob) over BOSH,
+// or over WebSocket when url is ws://.
+func startClient(t *testing.T, url string, args ...string) *nodeClient {
 	t.Helper()
 	return startNodeClient(t, append([]string{"bosh_chat.mjs", "--url", url, "--a", "alice@localhost",
 		"--b", "bob@localhost", "--password", demoPassword}, args...)...)
 }
 
-// startNodeClient runs one of the npm client scripts in test/clients; it
-// speaks the READY / one-JSON-line convention they share.
-func startNodeClient(t *testing.T, all ...string) *boshClient {
+// startNodeClient runs `node script args...` in test/clients.
+func startNodeClient(t *testing.T, all ...string) *nodeClient {
 	t.Helper()
-	c := &boshClient{ready: make(chan struct{}), result: make(chan clientResult, 1)}
+	c := &nodeClient{ready: make(chan string, 1), result: make(chan string, 1)}
 	c.cmd = exec.Command("node", all...)
 	c.cmd.Dir = clientsDir
 	c.cmd.Stderr = &c.stderr
@@ -344,47 +345,62 @@ func startNodeClient(t *testing.T, all ...string) *boshClient {
 	go func() {
 		sc := bufio.NewScanner(out)
 		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		var res clientResult
+		last := ""
 		for sc.Scan() {
 			line := strings.TrimSpace(sc.Text())
 			switch {
-			case line == "READY":
-				close(c.ready)
+			case strings.HasPrefix(line, "READY"):
+				c.ready <- strings.TrimSpace(strings.TrimPrefix(line, "READY"))
 			case strings.HasPrefix(line, "{"):
-				if err := json.Unmarshal([]byte(line), &res); err != nil {
-					res = clientResult{Error: "unparsable output: " + line}
-				}
+				last = line
 			}
 		}
 		_ = c.cmd.Wait()
-		c.result <- res
+		c.result <- last
 	}()
 	return c
 }
 
-func (c *boshClient) waitReady(t *testing.T) {
+// waitReady waits for the READY line and returns what follows it.
+func (c *nodeClient) waitReady(t *testing.T) string {
 	t.Helper()
 	select {
-	case <-c.ready:
+	case rest := <-c.ready:
+		return rest
 	case res := <-c.result:
-		t.Fatalf("client ended before READY: %+v\n%s", res, c.stderr.String())
-	case <-time.After(60 * time.Second):
-		t.Fatalf("client not READY within 60s\n%s", c.stderr.String())
+		t.Fatalf("client ended before READY: %s\n%s", res, tail(c.stderr.String(), 60))
+	case <-time.After(3 * time.Minute):
+		t.Fatalf("client not READY within 3 minutes\n%s", tail(c.stderr.String(), 60))
+	}
+	return ""
+}
+
+// finished waits up to limit for the client to end and decodes its JSON
+// line into v; it reports false if the client is still running.
+func (c *nodeClient) finished(t *testing.T, limit time.Duration, v any) bool {
+	t.Helper()
+	select {
+	case line := <-c.result:
+		if err := json.Unmarshal([]byte(line), v); err != nil {
+			t.Fatalf("client output %q: %v\n%s", line, err, tail(c.stderr.String(), 60))
+		}
+		return true
+	case <-time.After(limit):
+		return false
 	}
 }
 
-func (c *boshClient) wait(t *testing.T, limit time.Duration) clientResult {
+// wait waits for a chat client and fails the test unless it says ok.
+func (c *nodeClient) wait(t *testing.T, limit time.Duration) clientResult {
 	t.Helper()
-	select {
-	case res := <-c.result:
-		if !res.OK {
-			t.Fatalf("client failed: %s\n--- client stderr ---\n%s", res.Error, tail(c.stderr.String(), 60))
-		}
-		return res
-	case <-time.After(limit):
+	var res clientResult
+	if !c.finished(t, limit, &res) {
 		t.Fatalf("client did not finish within %s\n%s", limit, tail(c.stderr.String(), 60))
 	}
-	return clientResult{}
+	if !res.OK {
+		t.Fatalf("client failed: %s\n--- client stderr ---\n%s", res.Error, tail(c.stderr.String(), 60))
+	}
+	return res
 }
 
 func tail(s string, lines int) string {
