@@ -22,7 +22,7 @@ const (
 	sidecarBOSH = "127.0.0.1:5280" // BOSH at /bosh, WebSocket at /ws
 	sidecarC2S  = "127.0.0.1:5222" // XMPP, STARTTLS required
 	sidecarTLS  = "127.0.0.1:5223" // XMPP, direct TLS
-	nativeC2S   = 5322 // ejabberd's own listeners, for side-by-side comparison
+	nativeC2S   = 5322             // ejabberd's own listeners, for side-by-side comparison
 	nativeHTTP  = 5380
 )
 
