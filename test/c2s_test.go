@@ -1,15 +1,19 @@
 package test
 
 import (
+	"context"
 	"crypto/tls"
+	"encoding/base64"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
 	"github.com/megaphone-im/megaphone/test/harness"
 )
 
@@ -197,5 +201,130 @@ func TestXMPPBadInput(t *testing.T) {
 
 	if res := bystanders.wait(t, time.Minute); !res.OK {
 		t.Errorf("bystanders hurt: %+v", res)
+	}
+}
+
+// rawLogin logs user in over direct TLS by hand (SASL PLAIN, bind,
+// presence) and returns the connection: a client the test controls byte by
+// byte, e.g. one that then stops reading.
+func rawLogin(t *testing.T, addr, user string) net.Conn {
+	t.Helper()
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr,
+		&tls.Config{InsecureSkipVerify: true}) // the test's own self-signed cert
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetDeadline(time.Now().Add(15 * time.Second))
+	var seen strings.Builder
+	expect := func(send, until string) {
+		t.Helper()
+		if _, err := io.WriteString(c, send); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 4096)
+		for !strings.Contains(seen.String(), until) {
+			n, err := c.Read(buf)
+			if err != nil {
+				t.Fatalf("waiting for %q: %v; got %q", until, err, seen.String())
+			}
+			seen.Write(buf[:n])
+		}
+		seen.Reset()
+	}
+	header := `<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>`
+	expect(header, "</stream:features>")
+	plain := base64.StdEncoding.EncodeToString([]byte("\x00" + user + "\x00" + demoPassword))
+	expect("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"+plain+"</auth>", "<success")
+	expect(header, "</stream:features>")
+	expect("<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>", "</iq>")
+	expect("<presence/>", "<presence")
+	_ = c.SetDeadline(time.Time{})
+	return c
+}
+
+// A client that stops reading while ejabberd has much to send it is
+// disconnected once its bounded queue in the sidecar is full; the sidecar's
+// memory stays bounded and other clients chat on.
+func TestXMPPClientThatNeverReads(t *testing.T) {
+	ej := startEjabberd(t, harness.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := ej.Register(ctx, "carol", "localhost", demoPassword); err != nil {
+		t.Fatal(err)
+	}
+	sc := startStreamSidecar(t, ej)
+	bystanders := xmppChat(t, "xmpps://"+sc.c2sTLS, "--mode", "live", "--duration", "15", "--timeout", "90")
+	bystanders.waitReady(t)
+
+	carol := rawLogin(t, sc.c2sTLS, "carol")
+	defer carol.Close()
+	// 20 MB for carol, who reads none of it.
+	eval(t, ej, `Body = binary:copy(<<"x">>, 50000),
+	    M = xmpp:decode({xmlel, <<"message">>, [{<<"to">>, <<"carol@localhost">>},
+	        {<<"from">>, <<"bob@localhost/flood">>}, {<<"type">>, <<"chat">>}],
+	        [{xmlel, <<"body">>, [], [{xmlcdata, Body}]}]}, <<"jabber:client">>, []),
+	    [ejabberd_router:route(M) || _ <- lists:seq(1, 400)], ok`)
+	waitUntil(t, 30*time.Second, "the slow reader is disconnected", func() bool {
+		return strings.Contains(sc.logs(), "client reads too slowly")
+	})
+	waitUntil(t, 20*time.Second, "carol's session ends", func() bool {
+		return !strings.Contains(eval(t, ej, "ejabberd_sm:dirty_get_sessions_list()"), "carol")
+	})
+	if res := bystanders.wait(t, 2*time.Minute); !res.OK {
+		t.Errorf("bystanders hurt: %+v", res)
+	}
+}
+
+// A WebSocket message over the stanza limit gets a stream error and a
+// close; an XMPP stream through a stopped ejabberd ends instead of hanging.
+func TestXMPPOversizeWebSocketAndEjabberdStopped(t *testing.T) {
+	ej := startEjabberd(t, harness.Options{})
+	sc := startStreamSidecar(t, ej)
+
+	ws, _, err := websocket.DefaultDialer.Dial(sc.wsURL(), http.Header{"Sec-WebSocket-Protocol": {"xmpp"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	_ = ws.SetReadDeadline(time.Now().Add(15 * time.Second))
+	if err := ws.WriteMessage(websocket.TextMessage, []byte(`<open xmlns="urn:ietf:params:xml:ns:xmpp-framing" to="localhost" version="1.0"/>`)); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2; i++ { // <open/> and <stream:features/>
+		if _, _, err := ws.ReadMessage(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	big := `<message xmlns="jabber:client" to="bob@localhost"><body>` + strings.Repeat("x", 300<<10) + `</body></message>`
+	_ = ws.WriteMessage(websocket.TextMessage, []byte(big))
+	sawError := false
+	for i := 0; i < 5; i++ {
+		_, msg, err := ws.ReadMessage()
+		if err != nil {
+			sawError = sawError || websocket.IsCloseError(err, websocket.CloseMessageTooBig, websocket.CloseNormalClosure)
+			break
+		}
+		sawError = sawError || strings.Contains(string(msg), "policy-violation")
+	}
+	if !sawError {
+		t.Error("oversized WebSocket message: no policy-violation and no close")
+	}
+
+	live := xmppChat(t, "xmpp://"+sc.c2s, "--mode", "live", "--duration", "30", "--timeout", "90", "--starttls", "required")
+	live.waitReady(t)
+	if err := ej.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	var res clientResult
+	if !live.finished(t, 30*time.Second, &res) {
+		t.Fatal("clients hang after ejabberd stopped")
+	}
+	if res.OK {
+		t.Errorf("clients did not notice ejabberd stopping: %+v", res)
+	}
+	select {
+	case <-sc.exited:
+		t.Fatal("the sidecar exited when ejabberd stopped")
+	default:
 	}
 }
