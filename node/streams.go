@@ -6,7 +6,6 @@ import (
 	"fmt"
 
 	"github.com/megaphone-im/megaphone/etf"
-	"go.uber.org/zap"
 )
 
 // StreamSink receives what ejabberd writes to one client stream. Its
@@ -18,6 +17,9 @@ type StreamSink interface {
 	// Close says the stream is over: c2s closed it or died, or the link
 	// to its node went down. No Write follows.
 	Close(reason string)
+	// Shape sets how fast the client may send, in bytes per second (0:
+	// no limit): ejabberd's c2s shaper for the session.
+	Shape(bytesPerSec int64)
 }
 
 // Stream is the sidecar's end of one ejabberd_c2s running in element mode.
@@ -148,9 +150,12 @@ func (a *Attachment) handleStreamMessage(msg any) {
 	case etf.C2SClose:
 		a.closeStream(m.ConnID, "closed by ejabberd")
 	case etf.C2SShaper:
-		// Shaping at the edge is not built yet; c2s's own rules still
-		// apply to what it accepts.
-		a.log.Debug("c2s shaper", zap.Uint64("conn", m.ConnID), zap.Int64("bytes_per_sec", m.BytesPerSec))
+		a.mu.Lock()
+		e := a.streams[m.ConnID]
+		a.mu.Unlock()
+		if e != nil {
+			e.sink.Shape(m.BytesPerSec)
+		}
 	}
 }
 

@@ -22,6 +22,7 @@ import (
 type StreamSink interface {
 	Write(ev etf.Term)
 	Close(reason string)
+	Shape(bytesPerSec int64)
 }
 
 // Stream is ejabberd's side of one client stream (a c2s process).
@@ -103,6 +104,7 @@ type c2sConn struct {
 	headerSent bool
 	wake       chan struct{}
 	finished   chan struct{} // closed when the write loop has ended
+	shaper     shaper
 }
 
 func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS bool) {
@@ -154,7 +156,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	if err := stream.Send([]etf.Term{header}); err != nil {
 		return
 	}
-	for {
+	for offset := parser.Offset(); ; {
 		ev, err := parser.Next()
 		if err != nil {
 			if !errors.Is(err, io.EOF) && !c.isClosing() {
@@ -166,6 +168,11 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 			c.streamErrorCondition("remote-connection-failed")
 			return
 		}
+		read := parser.Offset()
+		if pause := c.shaper.delay(int(read - offset)); pause > 0 {
+			time.Sleep(pause) // reading waits, as ejabberd's shaper makes it
+		}
+		offset = read
 	}
 }
 
@@ -235,6 +242,9 @@ func (c *c2sConn) Close(reason string) {
 	c.mu.Unlock()
 	c.signal()
 }
+
+// Shape applies ejabberd's c2s shaper to what the client sends (StreamSink).
+func (c *c2sConn) Shape(bytesPerSec int64) { c.shaper.setRate(bytesPerSec) }
 
 func (c *c2sConn) isClosing() bool {
 	c.mu.Lock()

@@ -100,6 +100,7 @@ func (s *echoStream) Send(events []etf.Term) error {
 	return nil
 }
 func (s *echoStream) Close()                {}
+func (s *echoStream) Shape(int64)           {}
 func (s *echoStream) MaxStanzaBytes() int64 { return 1024 }
 
 const header = `<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>`
@@ -165,4 +166,18 @@ func mustXML(t *testing.T, el etf.Term) []byte {
 		t.Fatalf("%v: %v", el, err)
 	}
 	return b
+}
+
+func TestShaperPacesToRate(t *testing.T) {
+	var s shaper
+	if d := s.delay(1 << 20); d != 0 {
+		t.Errorf("unshaped stream paused %s", d)
+	}
+	s.setRate(1000)
+	if d := s.delay(500); d != 0 {
+		t.Errorf("within the burst, paused %s", d)
+	}
+	if d := s.delay(1500); d < 900*time.Millisecond || d > 1100*time.Millisecond {
+		t.Errorf("1000 bytes over a 1000 B/s rate paused %s, want about 1s", d)
+	}
 }

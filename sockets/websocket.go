@@ -143,12 +143,16 @@ type wsConn struct {
 	closing  bool
 	wake     chan struct{}
 	finished chan struct{}
+	shaper   shaper
 }
 
 // readEvent reads one message and turns it into a c2s event; a broken
 // message gets a stream error.
 func (c *wsConn) readEvent(limits xmlstream.Limits) (etf.Term, error) {
 	kind, msg, err := c.ws.ReadMessage()
+	if pause := c.shaper.delay(len(msg)); pause > 0 {
+		time.Sleep(pause) // reading waits, as ejabberd's shaper makes it
+	}
 	if err != nil {
 		if websocket.IsCloseError(err, websocket.CloseMessageTooBig) || err == websocket.ErrReadLimit {
 			c.streamError("policy-violation")
@@ -190,6 +194,9 @@ func (c *wsConn) Close(reason string) {
 	c.mu.Unlock()
 	c.signal()
 }
+
+// Shape applies ejabberd's c2s shaper to what the client sends (StreamSink).
+func (c *wsConn) Shape(bytesPerSec int64) { c.shaper.setRate(bytesPerSec) }
 
 func (c *wsConn) queue(b []byte) {
 	c.mu.Lock()

@@ -63,6 +63,9 @@ func NewParser(r io.Reader, limits Limits) *Parser {
 	return p
 }
 
+// Offset is how many bytes of the stream the parser has consumed.
+func (p *Parser) Offset() int64 { return p.dec.InputOffset() }
+
 // SetMaxStanzaBytes changes the stanza limit (ejabberd tells us its own).
 func (p *Parser) SetMaxStanzaBytes(n int64) {
 	if n > 0 {
