@@ -60,6 +60,14 @@ run: deps build
 	$(GO) build -o bin/megaphone-dev ./cmd/megaphone-dev
 	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) bin/megaphone-dev
 
+# Benchmarks: idle-session cost, native c2s vs Megaphone, on one node, one
+# run. BENCH_N sessions per side; the report goes to stdout and bench.out.md.
+BENCH_N ?= 2000
+bench: deps build
+	$(GO) build -o bin/megaphone-bench ./cmd/megaphone-bench
+	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
+		bin/megaphone-bench -n $(BENCH_N) -out bench.out.md
+
 # Longer fuzzing of every decoder that faces the network or the node.
 FUZZTIME ?= 2m
 fuzz:
