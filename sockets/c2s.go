@@ -189,7 +189,7 @@ func (c *c2sConn) startTLS() (*tls.Conn, error) {
 	err = c.writeNow([]byte(fmt.Sprintf("<?xml version='1.0'?><stream:stream xmlns='jabber:client' "+
 		"xmlns:stream='http://etherx.jabber.org/streams' id='%s' from='%s' version='1.0'>"+
 		"<stream:features><starttls xmlns='%s'><required/></starttls></stream:features>",
-		randomID(), xmlAttrEscape(to), nsTLS)))
+		randomID(), xmlstream.EscapeAttr(to), nsTLS)))
 	if err != nil {
 		return nil, err
 	}
@@ -394,17 +394,4 @@ func randomID() string {
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
-}
-
-func xmlAttrEscape(s string) string {
-	b, _ := xmlstream.AppendEvent(nil, etf.Tuple{etf.Atom("xmlstreamcdata"), []byte(s)})
-	out := make([]byte, 0, len(b))
-	for _, ch := range b {
-		if ch == '\'' {
-			out = append(out, "&apos;"...)
-		} else {
-			out = append(out, ch)
-		}
-	}
-	return string(out)
 }

@@ -97,6 +97,9 @@ func AppendElement(b []byte, el etf.Term) ([]byte, error) {
 	return b, ErrBadTerm
 }
 
+// EscapeAttr escapes s for use as an attribute value.
+func EscapeAttr(s string) string { return string(appendEscaped(nil, []byte(s), true)) }
+
 func appendAttrs(b []byte, as etf.Term) ([]byte, error) {
 	list, ok := as.(etf.List)
 	if !ok {
