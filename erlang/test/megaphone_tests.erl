@@ -15,7 +15,8 @@ shim_test_() ->
       fun cancel_kills_worker/0,
       fun sidecar_death_ends_everything/0,
       fun crash_becomes_500/0,
-      fun status_reports_sessions/0]}.
+      fun status_reports_sessions/0,
+      fun random_messages_change_nothing/0]}.
 
 setup() ->
     load_fake_bosh(),
@@ -138,3 +139,62 @@ version_choice_test() ->
     ?assertEqual({ok, 1}, megaphone_listener:choose_version(1, 1)),
     ?assertEqual({ok, 1}, megaphone_listener:choose_version(1, 5)),
     ?assertEqual(error, megaphone_listener:choose_version(2, 5)).
+
+%% Generated input: thousands of random terms, shaped like the protocol's
+%% messages and not, sent to the listener and to a session. Neither dies,
+%% no atom is created, and the session still serves a real request.
+random_messages_change_nothing() ->
+    rand:seed(exsss, {1, 2, 3}),
+    Session = hello(self()),
+    Tags = [megaphone_hello, bosh_request, bosh_cancel, c2s_open, rewelcome, x],
+    Fuzz = fun(N) ->
+                   [begin
+                        Tag = lists:nth(rand:uniform(length(Tags)), Tags),
+                        Msg = list_to_tuple([Tag | [random_term(3) || _ <- lists:seq(1, rand:uniform(6) - 1)]]),
+                        megaphone_listener ! Msg,
+                        Session ! Msg
+                    end || _ <- lists:seq(1, N)],
+                   sys:get_state(megaphone_listener),
+                   sys:get_state(Session)
+           end,
+    %% A first round loads the modules the error paths use (logger
+    %% formatting, the code server's lookups): their atoms are the code's,
+    %% created once. After it, client-shaped input must create none.
+    Fuzz(300),
+    Atoms = erlang:system_info(atom_count),
+    Fuzz(3000),
+    Session ! {bosh_request, 77, 88, {{127, 0, 0, 1}, 9}, <<"<body/>">>},
+    ?assertEqual(ok, receive_response(77, 88)),
+    ?assert(is_process_alive(Session)),
+    ?assert(is_process_alive(whereis(megaphone_listener))),
+    ?assertEqual(Atoms, erlang:system_info(atom_count)).
+
+%% Everything but 200 from the fuzzing above is an answer to a malformed
+%% request; skip those and wait for the real one.
+receive_response(ConnId, ReqId) ->
+    receive
+        {bosh_response, ConnId, ReqId, 200, _, _, _} -> ok
+    after 5000 -> timeout
+    end.
+
+random_term(0) ->
+    random_leaf();
+random_term(Depth) ->
+    case rand:uniform(6) of
+        1 -> list_to_tuple([random_term(Depth - 1) || _ <- lists:seq(1, rand:uniform(4))]);
+        2 -> [random_term(Depth - 1) || _ <- lists:seq(1, rand:uniform(3))];
+        3 -> #{random_leaf() => random_term(Depth - 1)};
+        _ -> random_leaf()
+    end.
+
+random_leaf() ->
+    case rand:uniform(8) of
+        1 -> rand:uniform(1 bsl 70) - (1 bsl 69);
+        2 -> -rand:uniform(100);
+        3 -> crypto:strong_rand_bytes(rand:uniform(8));
+        4 -> <<"tcp">>;
+        5 -> {{127, 0, 0, 1}, rand:uniform(70000)};
+        6 -> self();
+        7 -> make_ref();
+        8 -> rand:uniform()
+    end.
