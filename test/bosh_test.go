@@ -156,7 +156,7 @@ func testBOSHBadInput(t *testing.T, tg target) {
 	if got := rawHTTP(t, sc.addr, "POST /bosh HTTP/1.1\r\nHost x\r\n\r\n"); !strings.HasPrefix(got, "HTTP/1.1 400") {
 		t.Errorf("malformed header: %q", got)
 	}
-	if code, _ := post("<body xmlns='" + ns + "'>" + strings.Repeat("x", 70<<10) + "</body>"); code != 413 {
+	if code, _ := post("<body xmlns='" + ns + "'>" + strings.Repeat("x", 300<<10) + "</body>"); code != 413 {
 		t.Errorf("oversized body: %d, want 413", code)
 	}
 	if code, _ := post("this is not xml"); code != 400 {

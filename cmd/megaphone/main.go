@@ -95,7 +95,7 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&o.tlsCert, "tls-cert", "", "PEM certificate chain for client TLS (reloaded on SIGHUP)")
 	fs.StringVar(&o.tlsKey, "tls-key", "", "PEM private key for --tls-cert")
 	fs.StringVar(&o.boshPaths, "bosh-paths", "/bosh,/http-bind", "comma-separated URL paths that serve BOSH")
-	fs.Int64Var(&o.maxBody, "max-body", 64<<10, "largest BOSH request body in bytes (larger: 413)")
+	fs.Int64Var(&o.maxBody, "max-body", 256<<10, "largest BOSH request body, and the stanza limit until ejabberd says its own, in bytes (larger BOSH body: 413)")
 	fs.DurationVar(&o.maxWait, "max-wait", 330*time.Second, "longest a BOSH request may wait for ejabberd")
 	fs.IntVar(&o.maxConns, "max-conns", 0, "most open client connections (0: no limit)")
 	fs.IntVar(&o.maxConnsPerIP, "max-conns-per-ip", 0, "most open client connections from one address (0: no limit)")
