@@ -98,21 +98,22 @@ type c2sConn struct {
 	cfg  C2SConfig
 	log  *zap.Logger
 
-	mu         sync.Mutex
-	pending    []byte
-	closing    bool
+	out *outbox
+
+	mu         sync.Mutex // guards conn and headerSent
 	headerSent bool
-	wake       chan struct{}
-	finished   chan struct{} // closed when the write loop has ended
 	shaper     shaper
 }
 
 func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS bool) {
-	c := &c2sConn{conn: raw, raw: raw, cfg: cfg, log: cfg.Logger.With(zap.Uint64("conn", raw.ID)),
-		wake: make(chan struct{}, 1), finished: make(chan struct{})}
+	c := &c2sConn{conn: raw, raw: raw, cfg: cfg, log: cfg.Logger.With(zap.Uint64("conn", raw.ID))}
+	c.out = newOutbox(cfg.MaxPendingWrite, func() {
+		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", cfg.MaxPendingWrite))
+		_ = raw.Close()
+	})
 	defer raw.Close()
-	go c.writeLoop()
-	defer c.shutdown()
+	go c.out.run(c.write, c.closeConn)
+	defer c.out.shutdown()
 
 	_ = raw.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	transport := "tcp"
@@ -159,7 +160,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	for offset := parser.Offset(); ; {
 		ev, err := parser.Next()
 		if err != nil {
-			if !errors.Is(err, io.EOF) && !c.isClosing() {
+			if !errors.Is(err, io.EOF) && !c.out.isClosing() {
 				c.streamError(err)
 			}
 			return
@@ -232,62 +233,24 @@ func (c *c2sConn) Write(ev etf.Term) {
 		c.headerSent = true
 		c.mu.Unlock()
 	}
-	c.queue(b)
+	c.out.push(b)
 }
 
 // Close ends the connection once what is queued is written (StreamSink).
-func (c *c2sConn) Close(reason string) {
-	c.mu.Lock()
-	c.closing = true
-	c.mu.Unlock()
-	c.signal()
-}
+func (c *c2sConn) Close(reason string) { c.out.close() }
 
 // Shape applies ejabberd's c2s shaper to what the client sends (StreamSink).
 func (c *c2sConn) Shape(bytesPerSec int64) { c.shaper.setRate(bytesPerSec) }
 
-func (c *c2sConn) isClosing() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.closing
-}
-
-func (c *c2sConn) queue(b []byte) {
-	c.mu.Lock()
-	if c.closing {
-		c.mu.Unlock()
-		return
-	}
-	c.pending = append(c.pending, b...)
-	over := len(c.pending) > c.cfg.MaxPendingWrite
-	if over {
-		// A client that does not read must not cost us unbounded memory.
-		c.closing = true
-		c.pending = nil
-	}
-	c.mu.Unlock()
-	if over {
-		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", c.cfg.MaxPendingWrite))
-		_ = c.raw.Close()
-	}
-	c.signal()
-}
-
-func (c *c2sConn) signal() {
-	select {
-	case c.wake <- struct{}{}:
-	default:
-	}
-}
-
-// writeNow writes synchronously (the STARTTLS step, before the write loop
-// matters); queued data goes first.
+// writeNow writes synchronously (the STARTTLS step, before the writer
+// matters); whatever is queued goes first.
 func (c *c2sConn) writeNow(b []byte) error {
-	c.mu.Lock()
-	out := append(c.pending, b...)
-	c.pending = nil
-	c.mu.Unlock()
-	_, err := c.raw.Write(out)
+	for _, m := range c.out.drain() {
+		if _, err := c.raw.Write(m); err != nil {
+			return err
+		}
+	}
+	_, err := c.raw.Write(b)
 	return err
 }
 
@@ -297,35 +260,21 @@ func (c *c2sConn) setConn(conn net.Conn) {
 	c.mu.Unlock()
 }
 
-// writeLoop writes what is queued, in order, until the connection closes.
-func (c *c2sConn) writeLoop() {
-	defer close(c.finished)
-	for {
-		<-c.wake
-		c.mu.Lock()
-		out, closing := c.pending, c.closing
-		c.pending = nil
-		conn := c.conn
-		c.mu.Unlock()
-		if len(out) > 0 {
-			_ = conn.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			if _, err := conn.Write(out); err != nil {
-				_ = conn.Close()
-				return
-			}
-		}
-		if closing {
-			_ = conn.Close()
-			return
-		}
-	}
+// write sends one queued message to the client (the outbox's writer).
+func (c *c2sConn) write(b []byte) error {
+	c.mu.Lock()
+	conn := c.conn
+	c.mu.Unlock()
+	_ = conn.SetWriteDeadline(time.Now().Add(30 * time.Second))
+	_, err := conn.Write(b)
+	return err
 }
 
-// shutdown lets the write loop flush what is queued (bounded by its write
-// deadline) and waits for it to end.
-func (c *c2sConn) shutdown() {
-	c.Close("done")
-	<-c.finished
+func (c *c2sConn) closeConn() {
+	c.mu.Lock()
+	conn := c.conn
+	c.mu.Unlock()
+	_ = conn.Close()
 }
 
 // streamError reports a parse failure to the client as a stream error;
@@ -360,8 +309,8 @@ func (c *c2sConn) streamErrorCondition(cond string) {
 		b = append(b, "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"...)
 	}
 	b = append(b, "<stream:error><"+cond+" xmlns='"+nsStreams+"'/></stream:error></stream:stream>"...)
-	c.queue(b)
-	c.Close(cond)
+	c.out.push(b)
+	c.out.close()
 }
 
 func name(ev etf.Term) string {

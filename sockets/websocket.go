@@ -3,7 +3,6 @@ package sockets
 import (
 	"context"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -77,10 +76,13 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	defer ws.Close()
 	ws.SetReadLimit(h.cfg.MaxStanzaBytes + 1024)
-	c := &wsConn{ws: ws, cfg: h.cfg, log: h.cfg.Logger.With(zap.Uint64("conn", conn.ID)),
-		wake: make(chan struct{}, 1), finished: make(chan struct{})}
-	go c.writeLoop()
-	defer c.shutdown()
+	c := &wsConn{ws: ws, cfg: h.cfg, log: h.cfg.Logger.With(zap.Uint64("conn", conn.ID))}
+	c.out = newOutbox(h.cfg.MaxPendingWrite, func() {
+		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", h.cfg.MaxPendingWrite))
+		_ = ws.UnderlyingConn().Close()
+	})
+	go c.out.run(c.write, c.closeConn)
+	defer c.out.shutdown()
 
 	limits := xmlstream.Limits{MaxStanzaBytes: h.cfg.MaxStanzaBytes}
 	_ = ws.SetReadDeadline(time.Now().Add(h.cfg.HandshakeTimeout))
@@ -137,13 +139,8 @@ type wsConn struct {
 	cfg WebSocketConfig
 	log *zap.Logger
 
-	mu       sync.Mutex
-	pending  [][]byte
-	size     int
-	closing  bool
-	wake     chan struct{}
-	finished chan struct{}
-	shaper   shaper
+	out    *outbox
+	shaper shaper
 }
 
 // readEvent reads one message and turns it into a c2s event; a broken
@@ -183,85 +180,35 @@ func (c *wsConn) Write(ev etf.Term) {
 		return
 	}
 	if ok {
-		c.queue(b)
+		c.out.push(b)
 	}
 }
 
 // Close ends the connection once what is queued is written (StreamSink).
-func (c *wsConn) Close(reason string) {
-	c.mu.Lock()
-	c.closing = true
-	c.mu.Unlock()
-	c.signal()
-}
+func (c *wsConn) Close(reason string) { c.out.close() }
 
 // Shape applies ejabberd's c2s shaper to what the client sends (StreamSink).
 func (c *wsConn) Shape(bytesPerSec int64) { c.shaper.setRate(bytesPerSec) }
 
-func (c *wsConn) queue(b []byte) {
-	c.mu.Lock()
-	if c.closing {
-		c.mu.Unlock()
-		return
-	}
-	c.pending = append(c.pending, b)
-	c.size += len(b)
-	over := c.size > c.cfg.MaxPendingWrite
-	if over {
-		c.closing, c.pending = true, nil
-	}
-	c.mu.Unlock()
-	if over {
-		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", c.cfg.MaxPendingWrite))
-		_ = c.ws.UnderlyingConn().Close()
-	}
-	c.signal()
+// write sends one queued message (the outbox's writer is the connection's
+// one writer, as the WebSocket library requires).
+func (c *wsConn) write(m []byte) error {
+	_ = c.ws.SetWriteDeadline(time.Now().Add(30 * time.Second))
+	return c.ws.WriteMessage(websocket.TextMessage, m)
 }
 
-func (c *wsConn) signal() {
-	select {
-	case c.wake <- struct{}{}:
-	default:
-	}
-}
-
-// writeLoop is the connection's one writer, as the WebSocket library
-// requires.
-func (c *wsConn) writeLoop() {
-	defer close(c.finished)
-	for {
-		<-c.wake
-		c.mu.Lock()
-		out, closing := c.pending, c.closing
-		c.pending, c.size = nil, 0
-		c.mu.Unlock()
-		for _, m := range out {
-			_ = c.ws.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			if err := c.ws.WriteMessage(websocket.TextMessage, m); err != nil {
-				_ = c.ws.UnderlyingConn().Close()
-				return
-			}
-		}
-		if closing {
-			_ = c.ws.WriteControl(websocket.CloseMessage,
-				websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), time.Now().Add(time.Second))
-			_ = c.ws.UnderlyingConn().Close()
-			return
-		}
-	}
-}
-
-func (c *wsConn) shutdown() {
-	c.Close("done")
-	<-c.finished
+func (c *wsConn) closeConn() {
+	_ = c.ws.WriteControl(websocket.CloseMessage,
+		websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), time.Now().Add(time.Second))
+	_ = c.ws.UnderlyingConn().Close()
 }
 
 func (c *wsConn) streamError(cond string) {
 	b, _ := xmlstream.AppendElement(nil, etf.Tuple{etf.Atom("xmlel"), []byte("stream:error"),
 		etf.List{etf.Tuple{[]byte("xmlns:stream"), []byte("http://etherx.jabber.org/streams")}},
 		etf.List{etf.Tuple{etf.Atom("xmlel"), []byte(cond), etf.List{etf.Tuple{[]byte("xmlns"), []byte(nsStreams)}}, etf.List{}}}})
-	c.queue(b)
+	c.out.push(b)
 	closeMsg, _, _ := xmlstream.AppendWebSocketMessage(nil, etf.Tuple{etf.Atom("xmlstreamend"), []byte("stream:stream")})
-	c.queue(closeMsg)
-	c.Close(cond)
+	c.out.push(closeMsg)
+	c.out.close()
 }
