@@ -61,6 +61,7 @@ func testXMPPClientsThroughSidecar(t *testing.T, tg target) {
 	ej := tg.startEjabberd(t, harness.Options{})
 	base := evalInt(t, ej, leftoverExpr)
 	sc := startStreamSidecar(t, ej)
+	fds := sc.openFiles(t)
 
 	for _, tc := range []struct {
 		name, service string
@@ -93,8 +94,8 @@ func testXMPPClientsThroughSidecar(t *testing.T, tg target) {
 				t.Errorf("want 2 sessions {%s, {{127,0,0,3}, Port}}, got %s", tc.transport, info)
 			}
 			live.wait(t, time.Minute)
-			waitUntil(t, 10*time.Second, "c2s processes gone after logout", func() bool {
-				return evalInt(t, ej, leftoverExpr) == base
+			waitUntil(t, 10*time.Second, "c2s processes and the sidecar's sockets gone after logout", func() bool {
+				return evalInt(t, ej, leftoverExpr) == base && sc.openFiles(t) <= fds
 			})
 		})
 	}
@@ -115,6 +116,7 @@ func TestXMPPStreamsClosedFromEverySide(t *testing.T) {
 	ej := startEjabberd(t, harness.Options{ResumeTimeout: 3 * time.Second})
 	base := evalInt(t, ej, leftoverExpr)
 	sc := startStreamSidecar(t, ej)
+	fds := sc.openFiles(t)
 
 	// ejabberd kicks alice: her client ends (the pair reports failure).
 	live := xmppChat(t, "xmpps://"+sc.c2sTLS, "--mode", "live", "--duration", "20", "--timeout", "60")
@@ -128,6 +130,8 @@ func TestXMPPStreamsClosedFromEverySide(t *testing.T) {
 		t.Errorf("clients did not notice the kick: %+v", kicked)
 	}
 	waitUntil(t, 10*time.Second, "no c2s after the kick", func() bool { return evalInt(t, ej, leftoverExpr) == base })
+	// The sidecar's side: every client socket it held is closed again.
+	waitUntil(t, 10*time.Second, "the sidecar's sockets back to baseline", func() bool { return sc.openFiles(t) <= fds })
 
 	// The sidecar dies: every c2s it fed ends at once (they monitor it).
 	live = xmppChat(t, "xmpp://"+sc.c2s, "--mode", "live", "--duration", "20", "--timeout", "60", "--starttls", "required")

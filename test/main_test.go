@@ -282,6 +282,17 @@ func (s *sidecar) logs() string {
 
 func (s *sidecar) url() string { return "http://" + s.addr + "/bosh" }
 
+// openFiles counts the sidecar's open file descriptors: its client
+// sockets, listeners and links.
+func (s *sidecar) openFiles(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", s.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries)
+}
+
 // kill ends the sidecar with SIGKILL, as a crash would, and waits for it.
 func (s *sidecar) kill() {
 	if s.cmd.Process != nil {
