@@ -94,12 +94,18 @@ func checkBody(b []byte) (bodyInfo, error) {
 // which is a real answer. ejabberd never puts a rid on an answer it builds
 // itself, so: a rid on the root, and the request's very children inside,
 // is the echo.
+//
+// Only the root's start tag is read for the common answer; the full
+// comparison runs for the rare one that carries a rid.
 func isEchoedRequest(req, resp []byte) bool {
-	respRoot, respKids, err := canonicalChildren(resp)
-	if err != nil || !hasAttr(respRoot, "rid") {
+	if root, ok := rootElement(resp); !ok || !hasAttr(root, "rid") {
 		return false
 	}
-	_, reqKids, err := canonicalChildren(req)
+	respKids, err := canonicalChildren(resp)
+	if err != nil {
+		return false
+	}
+	reqKids, err := canonicalChildren(req)
 	return err == nil && reqKids == respKids
 }
 
@@ -124,40 +130,43 @@ func attrValue(se xml.StartElement, local string) string {
 // responseRoot reads the attributes of a response's root <body/>: the sid
 // of a session just opened, and whether ejabberd ended the session.
 func responseRoot(resp []byte) (sid string, terminate bool) {
-	d := xml.NewDecoder(bytes.NewReader(resp))
+	root, _ := rootElement(resp)
+	return attrValue(root, "sid"), attrValue(root, "type") == "terminate"
+}
+
+// rootElement reads a document's first start tag, and nothing more.
+func rootElement(doc []byte) (xml.StartElement, bool) {
+	d := xml.NewDecoder(bytes.NewReader(doc))
 	for {
 		tok, err := d.RawToken()
 		if err != nil {
-			return "", false
+			return xml.StartElement{}, false
 		}
 		if se, ok := tok.(xml.StartElement); ok {
-			return attrValue(se, "sid"), attrValue(se, "type") == "terminate"
+			return se, true
 		}
 	}
 }
 
-// canonicalChildren returns a document's root element and a canonical
-// rendering of everything inside it: namespaces resolved, attributes sorted,
+// canonicalChildren returns a canonical rendering of everything inside a
+// document's root element: namespaces resolved, attributes sorted,
 // namespace declarations and whitespace-only text dropped, so that the
 // client's bytes and ejabberd's re-serialisation of them compare equal.
-func canonicalChildren(doc []byte) (xml.StartElement, string, error) {
+func canonicalChildren(doc []byte) (string, error) {
 	d := xml.NewDecoder(bytes.NewReader(doc))
-	var root xml.StartElement
 	var out strings.Builder
 	depth := 0
 	for {
 		tok, err := d.Token()
 		if err == io.EOF {
-			return root, out.String(), nil
+			return out.String(), nil
 		}
 		if err != nil {
-			return root, "", err
+			return "", err
 		}
 		switch t := tok.(type) {
 		case xml.StartElement:
-			depth++
-			if depth == 1 {
-				root = t.Copy()
+			if depth++; depth == 1 {
 				continue
 			}
 			attrs := make([]string, 0, len(t.Attr))

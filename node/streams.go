@@ -105,15 +105,38 @@ func (st *Stream) Close() {
 }
 
 // forgetStream removes a stream; it reports whether it was still there.
-func (a *Attachment) forgetStream(connID uint64) bool {
+func (a *Attachment) forgetStream(connID uint64) bool { return a.takeStream(connID) != nil }
+
+// takeStream removes a stream and returns it, or nil if it is gone.
+func (a *Attachment) takeStream(connID uint64) *streamEntry {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	e, ok := a.streams[connID]
-	if ok {
+	e := a.streams[connID]
+	if e != nil {
 		delete(a.streams, connID)
 		delete(a.byMonitor, e.monitor)
 	}
-	return ok
+	return e
+}
+
+// sink returns the live stream's sink, or nil.
+func (a *Attachment) sink(connID uint64) StreamSink {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if e := a.streams[connID]; e != nil {
+		return e.sink
+	}
+	return nil
+}
+
+// answerOpen hands the shim's answer to a c2s_open to its waiting caller.
+func (a *Attachment) answerOpen(connID uint64, answer any) {
+	a.mu.Lock()
+	ch := a.opens[connID]
+	a.mu.Unlock()
+	if ch != nil {
+		ch <- answer // buffered: one answer per open
+	}
 }
 
 // Streams returns how many client streams this attachment carries.
@@ -127,47 +150,25 @@ func (a *Attachment) Streams() int {
 // link's reader goroutine.
 func (a *Attachment) handleStreamMessage(msg any) {
 	switch m := msg.(type) {
-	case etf.C2SStarted, etf.C2SRefused:
-		var id uint64
-		if st, ok := m.(etf.C2SStarted); ok {
-			id = st.ConnID
-		} else {
-			id = m.(etf.C2SRefused).ConnID
-		}
-		a.mu.Lock()
-		ch := a.opens[id]
-		a.mu.Unlock()
-		if ch != nil {
-			ch <- m
-		}
+	case etf.C2SStarted:
+		a.answerOpen(m.ConnID, m)
+	case etf.C2SRefused:
+		a.answerOpen(m.ConnID, m)
 	case etf.C2SOut:
-		a.mu.Lock()
-		e := a.streams[m.ConnID]
-		a.mu.Unlock()
-		if e != nil {
-			e.sink.Write(m.Event)
+		if sink := a.sink(m.ConnID); sink != nil {
+			sink.Write(m.Event)
 		}
 	case etf.C2SClose:
 		a.closeStream(m.ConnID, "closed by ejabberd")
 	case etf.C2SShaper:
-		a.mu.Lock()
-		e := a.streams[m.ConnID]
-		a.mu.Unlock()
-		if e != nil {
-			e.sink.Shape(m.BytesPerSec)
+		if sink := a.sink(m.ConnID); sink != nil {
+			sink.Shape(m.BytesPerSec)
 		}
 	}
 }
 
 func (a *Attachment) closeStream(connID uint64, reason string) {
-	a.mu.Lock()
-	e := a.streams[connID]
-	if e != nil {
-		delete(a.streams, connID)
-		delete(a.byMonitor, e.monitor)
-	}
-	a.mu.Unlock()
-	if e != nil {
+	if e := a.takeStream(connID); e != nil {
 		e.sink.Close(reason)
 	}
 }

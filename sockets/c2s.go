@@ -186,7 +186,7 @@ func (c *c2sConn) startTLS() (*tls.Conn, error) {
 		c.streamError(err)
 		return nil, err
 	}
-	to := attr(header, "to")
+	to := xmlstream.Attr(header, "to")
 	err = c.writeNow([]byte(fmt.Sprintf("<?xml version='1.0'?><stream:stream xmlns='jabber:client' "+
 		"xmlns:stream='http://etherx.jabber.org/streams' id='%s' from='%s' version='1.0'>"+
 		"<stream:features><starttls xmlns='%s'><required/></starttls></stream:features>",
@@ -202,9 +202,9 @@ func (c *c2sConn) startTLS() (*tls.Conn, error) {
 		c.streamError(err)
 		return nil, err
 	}
-	if name(el) != "starttls" || attr(el, "xmlns") != nsTLS {
+	if xmlstream.Name(el) != "starttls" || xmlstream.Attr(el, "xmlns") != nsTLS {
 		c.streamErrorCondition("policy-violation")
-		return nil, fmt.Errorf("client sent <%s> where STARTTLS is required", name(el))
+		return nil, fmt.Errorf("client sent <%s> where STARTTLS is required", xmlstream.Name(el))
 	}
 	// <proceed/> must reach the client before the handshake starts.
 	if err := c.writeNow([]byte("<proceed xmlns='" + nsTLS + "'/>")); err != nil {
@@ -311,32 +311,6 @@ func (c *c2sConn) streamErrorCondition(cond string) {
 	b = append(b, "<stream:error><"+cond+" xmlns='"+nsStreams+"'/></stream:error></stream:stream>"...)
 	c.out.push(b)
 	c.out.close()
-}
-
-func name(ev etf.Term) string {
-	if t, ok := ev.(etf.Tuple); ok && len(t) == 4 {
-		if n, ok := t[1].([]byte); ok {
-			return string(n)
-		}
-	}
-	return ""
-}
-
-func attr(ev etf.Term, key string) string {
-	t, ok := ev.(etf.Tuple)
-	if !ok || len(t) < 3 {
-		return ""
-	}
-	list, _ := t[2].(etf.List)
-	for _, a := range list {
-		if p, ok := a.(etf.Tuple); ok && len(p) == 2 {
-			if k, _ := p[0].([]byte); string(k) == key {
-				v, _ := p[1].([]byte)
-				return string(v)
-			}
-		}
-	}
-	return ""
 }
 
 func randomID() string {

@@ -88,25 +88,3 @@ func AppendWebSocketMessage(b []byte, ev etf.Term) (_ []byte, ok bool, err error
 	}
 	return b, false, ErrBadTerm
 }
-
-func asBytes(t etf.Term) []byte {
-	b, _ := t.([]byte)
-	return b
-}
-
-func attrKey(a etf.Term) string {
-	if p, ok := a.(etf.Tuple); ok && len(p) == 2 {
-		return string(asBytes(p[0]))
-	}
-	return ""
-}
-
-func attrValue(attrs etf.Term, key string) string {
-	list, _ := attrs.(etf.List)
-	for _, a := range list {
-		if p, ok := a.(etf.Tuple); ok && len(p) == 2 && string(asBytes(p[0])) == key {
-			return string(asBytes(p[1]))
-		}
-	}
-	return ""
-}

@@ -155,7 +155,7 @@ func FuzzParser(f *testing.F) {
 
 func TestParseElement(t *testing.T) {
 	el, err := ParseElement([]byte(`<open xmlns="urn:ietf:params:xml:ns:xmpp-framing" to="localhost" version="1.0"/>`), Limits{})
-	if err != nil || name(el) != "open" {
+	if err != nil || Name(el) != "open" {
 		t.Fatalf("%#v %v", el, err)
 	}
 	for _, bad := range []string{``, `<a/><b/>`, `text`, `<a>`, `<!DOCTYPE x><a/>`} {
@@ -166,13 +166,4 @@ func TestParseElement(t *testing.T) {
 	if _, err := ParseElement([]byte(`<a>`+strings.Repeat("x", 100)+`</a>`), Limits{MaxStanzaBytes: 50}); !errors.Is(err, ErrPolicyViolation) {
 		t.Errorf("oversized message: %v", err)
 	}
-}
-
-func name(el etf.Term) string {
-	t, _ := el.(etf.Tuple)
-	if len(t) < 2 {
-		return ""
-	}
-	b, _ := t[1].([]byte)
-	return string(b)
 }

@@ -32,7 +32,7 @@ func (b *streamBackend) OpenStream(ctx context.Context, open etf.C2SOpen, sink s
 	}
 	st, err := pick.OpenStream(ctx, open, sink)
 	if err != nil {
-		return nil, err
+		return nil, err // not st: a nil *node.Stream would be a non-nil sockets.Stream
 	}
 	return st, nil
 }
