@@ -12,8 +12,9 @@
 %%
 %% Nothing here blocks: writes are asynchronous sends to the sidecar with
 %% nosuspend, so a slow or dead sidecar cannot stall a c2s process. If the
-%% distribution buffer towards the sidecar is full, the write fails and c2s
-%% closes the stream, rather than dropping a stanza silently.
+%% distribution buffer towards the sidecar stays full for longer than
+%% send_busy_timeout, the write fails and c2s closes the stream, rather
+%% than dropping a stanza silently.
 -module(megaphone_c2s_socket).
 
 -export([new/5, conn_id/1]).
@@ -91,12 +92,40 @@ get_peer_certificate(_Socket, _Type) -> error.
 -spec reset_stream(socket()) -> socket().
 reset_stream(Socket) -> Socket.
 
+%% The distribution buffer towards the sidecar is shared by every stream it
+%% carries, so "busy" says the link is momentarily full (one client's burst
+%% can fill it), not that this client is slow: the sidecar reads the link
+%% without ever waiting on a client. So a busy send is retried with a short
+%% backoff for at most send_busy_timeout ms (default 1000), as gen_tcp's
+%% send would wait on a full socket, and only then fails and closes the
+%% stream. A sidecar that is really gone answers noconnect at once.
 to_sidecar(Sidecar, Msg) ->
     case erlang:send(Sidecar, Msg, [noconnect, nosuspend]) of
         ok -> ok;
-        nosuspend -> {error, overloaded};
+        nosuspend -> retry_busy(Sidecar, Msg, 1, busy_deadline());
         noconnect -> {error, closed}
     end.
+
+retry_busy(Sidecar, Msg, Backoff, Deadline) ->
+    Now = erlang:monotonic_time(millisecond),
+    case Now >= Deadline of
+        true -> {error, overloaded};
+        false ->
+            %% A bare `after` consumes nothing from c2s's mailbox.
+            receive after min(Backoff, Deadline - Now) -> ok end,
+            case erlang:send(Sidecar, Msg, [noconnect, nosuspend]) of
+                ok -> ok;
+                nosuspend -> retry_busy(Sidecar, Msg, min(Backoff * 2, 50), Deadline);
+                noconnect -> {error, closed}
+            end
+    end.
+
+busy_deadline() ->
+    Timeout = case application:get_env(megaphone, send_busy_timeout) of
+                  {ok, T} when is_integer(T), T >= 0 -> T;
+                  _ -> 1000
+              end,
+    erlang:monotonic_time(millisecond) + Timeout.
 
 %% p1_shaper keeps its rate in a record; we pass on only bytes per second.
 shaper_rate(none) -> none;
