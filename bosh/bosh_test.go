@@ -120,7 +120,10 @@ func serveHandler(t *testing.T, nodes ...Node) (string, *Handler) {
 	h := NewHandler(Config{MaxBodyBytes: 1024, MaxWait: 2 * time.Second}, nodes...)
 	srv := &http.Server{Handler: h, ConnContext: sockets.WithConn}
 	go srv.Serve(lis)
-	t.Cleanup(func() { srv.Close() })
+	t.Cleanup(func() {
+		srv.Close()
+		http.DefaultClient.CloseIdleConnections() // goleak: no keep-alive readers left
+	})
 	return "http://" + lis.Addr().String() + "/bosh", h
 }
 
@@ -171,10 +174,12 @@ func TestHandlerEdgeAnswers(t *testing.T) {
 	if err != nil || resp.StatusCode != 200 || resp.Header.Get("Access-Control-Allow-Methods") == "" {
 		t.Fatalf("OPTIONS: %v %v", resp, err)
 	}
+	resp.Body.Close()
 	resp, err = http.Get(url)
 	if err != nil || resp.StatusCode != 200 {
 		t.Fatalf("GET: %v %v", resp, err)
 	}
+	resp.Body.Close()
 	if resp, _ := post(t, url, strings.Repeat("x", 2000)); resp.StatusCode != http.StatusRequestEntityTooLarge {
 		t.Errorf("oversized body: %d", resp.StatusCode)
 	}
@@ -184,6 +189,8 @@ func TestHandlerEdgeAnswers(t *testing.T) {
 	req, _ = http.NewRequest(http.MethodPut, url, nil)
 	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusMethodNotAllowed {
 		t.Errorf("PUT: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
 	}
 	if len(backend.reqs) != 0 {
 		t.Errorf("edge-answered requests reached the backend: %d", len(backend.reqs))
