@@ -45,13 +45,16 @@ type Parser struct {
 	started     bool
 	stack       []*etf.Tuple // open elements of the current stanza
 	names       []string     // their names, to check end tags
-	stanzaStart int64        // input offset where the current stanza began
+	stanzaStart int64        // input offset where the current stanza (or header) began
 }
+
+// DefaultMaxStanzaBytes is the stanza limit when none is given.
+const DefaultMaxStanzaBytes = 64 << 10
 
 // NewParser reads a stream from r.
 func NewParser(r io.Reader, limits Limits) *Parser {
 	if limits.MaxStanzaBytes <= 0 {
-		limits.MaxStanzaBytes = 64 << 10
+		limits.MaxStanzaBytes = DefaultMaxStanzaBytes
 	}
 	if limits.MaxDepth <= 0 {
 		limits.MaxDepth = 64
@@ -78,13 +81,16 @@ func (p *Parser) SetMaxStanzaBytes(n int64) {
 // conditions.
 func (p *Parser) Next() (etf.Term, error) {
 	for {
+		// Everything from the end of the last stanza counts: the next
+		// stanza's own start tag, a stream header, whitespace. A start tag
+		// is one token, so counting from inside the stanza would let one
+		// huge tag (or header) through whole.
+		if len(p.stack) == 0 {
+			p.stanzaStart = p.dec.InputOffset()
+		}
 		// A stanza that keeps growing is cut before it is buffered whole:
 		// the reader refuses to run far past the limit.
-		if len(p.stack) > 0 {
-			p.src.limit = p.stanzaStart + p.limits.MaxStanzaBytes + 8192 // + the decoder's read-ahead
-		} else {
-			p.src.limit = 0
-		}
+		p.src.limit = p.stanzaStart + p.limits.MaxStanzaBytes + 8192 // + the decoder's read-ahead
 		tok, err := p.dec.RawToken()
 		if err != nil {
 			switch {
@@ -94,14 +100,14 @@ func (p *Parser) Next() (etf.Term, error) {
 				return nil, io.EOF
 			case err == io.EOF:
 				return nil, fmt.Errorf("%w: stream ended inside a stanza", ErrNotWellFormed)
+			case p.src.err != nil && errors.Is(err, p.src.err):
+				return nil, err // the connection failed, not the XML
 			}
-			var syn *xml.SyntaxError
-			if errors.As(err, &syn) {
-				return nil, fmt.Errorf("%w: %v", ErrNotWellFormed, syn)
-			}
-			return nil, err
+			// Syntax errors, and the decoder's plain ones (an XML
+			// declaration with an unknown version or encoding).
+			return nil, fmt.Errorf("%w: %v", ErrNotWellFormed, err)
 		}
-		if len(p.stack) > 0 && p.dec.InputOffset()-p.stanzaStart > p.limits.MaxStanzaBytes {
+		if p.dec.InputOffset()-p.stanzaStart > p.limits.MaxStanzaBytes {
 			return nil, fmt.Errorf("%w: stanza over %d bytes", ErrPolicyViolation, p.limits.MaxStanzaBytes)
 		}
 		ev, err := p.handle(tok)
@@ -123,9 +129,6 @@ func (p *Parser) handle(tok xml.Token) (etf.Term, error) {
 			// opens a new stream without closing the old one).
 			p.started = true
 			return etf.Tuple{etf.Atom("xmlstreamstart"), []byte(name), attrs(t.Attr)}, nil
-		}
-		if len(p.stack) == 0 {
-			p.stanzaStart = p.dec.InputOffset()
 		}
 		if len(p.stack) >= p.limits.MaxDepth {
 			return nil, fmt.Errorf("%w: nested deeper than %d", ErrPolicyViolation, p.limits.MaxDepth)
@@ -200,6 +203,7 @@ type countingReader struct {
 	r     io.Reader
 	n     int64
 	limit int64
+	err   error // the last error of r, to tell it from bad XML
 }
 
 func (c *countingReader) Read(b []byte) (int, error) {
@@ -214,6 +218,9 @@ func (c *countingReader) Read(b []byte) (int, error) {
 	}
 	n, err := c.r.Read(b)
 	c.n += int64(n)
+	if err != nil {
+		c.err = err
+	}
 	return n, err
 }
 

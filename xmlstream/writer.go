@@ -23,7 +23,7 @@ func AppendEvent(b []byte, ev etf.Term) ([]byte, error) {
 	switch t[0] {
 	case etf.Atom("xmlstreamstart"):
 		name, ok := t[1].([]byte)
-		if !ok || len(t) != 3 {
+		if !ok || len(t) != 3 || !validName(name) {
 			return b, ErrBadTerm
 		}
 		b = append(b, '<')
@@ -34,7 +34,7 @@ func AppendEvent(b []byte, ev etf.Term) ([]byte, error) {
 		return AppendElement(b, t[1])
 	case etf.Atom("xmlstreamend"):
 		name, ok := t[1].([]byte)
-		if !ok {
+		if !ok || !validName(name) {
 			return b, ErrBadTerm
 		}
 		b = append(b, "</"...)
