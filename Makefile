@@ -14,7 +14,7 @@ REBAR3  ?= rebar3
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 SHIM_EBIN := $(CURDIR)/_build/default/lib/megaphone/ebin
 
-.PHONY: all deps deps-trixie build sidecar shim test unit-test go-unit eunit integration run fuzz vet clean
+.PHONY: all deps deps-trixie build sidecar shim test unit-test go-unit eunit integration run fuzz fuzz-short vet clean
 
 all: build
 
@@ -54,7 +54,7 @@ integration: build
 	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
 		$(GO) test -count=1 -timeout 15m -v ./test/...
 
-test: deps deps-trixie build unit-test integration
+test: deps deps-trixie build unit-test fuzz-short integration
 
 run: deps build
 	$(GO) build -o bin/megaphone-dev ./cmd/megaphone-dev
@@ -68,11 +68,23 @@ bench: deps build
 	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
 		bin/megaphone-bench -n $(BENCH_N) -out bench.out.md
 
-# Longer fuzzing of every decoder that faces the network or the node.
+# Fuzzing of every decoder that faces the network or the node, as
+# package:FuzzName. `make fuzz` runs each for FUZZTIME; `make test` runs
+# each for FUZZTIME_SHORT (fuzz-short). A crash leaves its input in the
+# package's testdata/fuzz/, where it stays as a regression seed.
+FUZZ_TARGETS := etf:FuzzDecode etf:FuzzShimMessage bosh:FuzzCheckBody bosh:FuzzHandler \
+	xmlstream:FuzzParser xmlstream:FuzzWebSocketFraming xmlstream:FuzzWriterHostileTerms \
+	sockets:FuzzC2SNegotiation
 FUZZTIME ?= 2m
+FUZZTIME_SHORT ?= 5s
 fuzz:
-	$(GO) test ./etf/ -run '^$$' -fuzz FuzzDecode -fuzztime $(FUZZTIME)
-	$(GO) test ./bosh/ -run '^$$' -fuzz FuzzCheckBody -fuzztime $(FUZZTIME)
+	@for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $$t for $(FUZZTIME)"; \
+		$(GO) test ./$${t%%:*}/ -run '^$$' -fuzz "^$${t##*:}$$" -fuzztime $(FUZZTIME) || exit 1; \
+	done
+
+fuzz-short:
+	$(MAKE) fuzz FUZZTIME=$(FUZZTIME_SHORT)
 
 clean:
 	rm -rf bin _build .run
