@@ -134,6 +134,30 @@ func responseRoot(resp []byte) (sid string, terminate bool) {
 	return attrValue(root, "sid"), attrValue(root, "type") == "terminate"
 }
 
+// boundJID returns the JID in ejabberd's answer to a resource binding,
+// or "" if the answer is not one. Answers are looked at only until their
+// session is bound, and most are rejected by the first bytes.Contains.
+func boundJID(answer []byte) string {
+	at := bytes.Index(answer, []byte(nsBind))
+	if at < 0 {
+		return ""
+	}
+	start := bytes.Index(answer[at:], []byte("<jid>"))
+	if start < 0 {
+		return ""
+	}
+	var jid struct {
+		Text string `xml:",chardata"`
+	}
+	if err := xml.NewDecoder(bytes.NewReader(answer[at+start:])).Decode(&jid); err != nil {
+		return ""
+	}
+	return jid.Text
+}
+
+// nsBind is resource binding's namespace (RFC 6120 §7).
+const nsBind = "urn:ietf:params:xml:ns:xmpp-bind"
+
 // rootElement reads a document's first start tag, and nothing more.
 func rootElement(doc []byte) (xml.StartElement, bool) {
 	d := xml.NewDecoder(bytes.NewReader(doc))

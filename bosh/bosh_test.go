@@ -113,11 +113,11 @@ func serve(t *testing.T, nodes ...Node) string {
 
 func serveHandler(t *testing.T, nodes ...Node) (string, *Handler) {
 	t.Helper()
-	lis, err := sockets.Listen("127.0.0.1:0", &sockets.IDs{}, sockets.Limits{}, zap.NewNop())
+	lis, err := sockets.Listen("127.0.0.1:0", sockets.NewRegistry(sockets.Limits{MaxBodyBytes: 1024}), zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := NewHandler(Config{MaxBodyBytes: 1024, MaxWait: 2 * time.Second}, nodes...)
+	h := NewHandler(Config{MaxWait: 2 * time.Second}, nodes...)
 	srv := &http.Server{Handler: h, ConnContext: sockets.WithConn}
 	go srv.Serve(lis)
 	t.Cleanup(func() {

@@ -27,10 +27,6 @@ type Backend interface {
 
 // Config tunes the front.
 type Config struct {
-	// MaxBodyBytes refuses larger POST bodies with 413. ejabberd refuses
-	// bodies over the c2s max_stanza_size with 403 anyway; refusing them
-	// here spares it the bytes.
-	MaxBodyBytes int64
 	// MaxWait bounds how long one request may wait for ejabberd. It must
 	// exceed the longest BOSH wait ejabberd grants, or long-polls are cut.
 	MaxWait time.Duration
@@ -45,6 +41,9 @@ type Stats struct {
 	Echoes uint64
 }
 
+// defaultMaxBodyBytes applies when the registry sets no body limit.
+const defaultMaxBodyBytes = 64 << 10
+
 // Handler serves BOSH over HTTP.
 type Handler struct {
 	cfg    Config
@@ -52,22 +51,40 @@ type Handler struct {
 	log    *zap.Logger
 	reqIDs atomic.Uint64
 
+	// draining refuses new sessions; stopping (cancelled by Shutdown)
+	// ends the long-polls being held.
+	draining     atomic.Bool
+	stopping     context.Context
+	stopLongPoll context.CancelFunc
+
 	requests, forwarded, refused, failed, cancelled, echoes atomic.Uint64
 }
 
 // NewHandler returns a BOSH front that forwards to the given ejabberd
 // nodes: one, or the nodes of a cluster.
 func NewHandler(cfg Config, nodes ...Node) *Handler {
-	if cfg.MaxBodyBytes <= 0 {
-		cfg.MaxBodyBytes = 64 << 10
-	}
 	if cfg.MaxWait <= 0 {
 		cfg.MaxWait = 330 * time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	return &Handler{cfg: cfg, router: newRouter(nodes), log: cfg.Logger}
+	stopping, stop := context.WithCancel(context.Background())
+	return &Handler{cfg: cfg, router: newRouter(nodes), log: cfg.Logger, stopping: stopping, stopLongPoll: stop}
+}
+
+// SetDraining makes the front refuse (true) or take again (false) new
+// sessions: a session creation request is answered with a BOSH
+// system-shutdown terminate; sessions already open carry on.
+func (h *Handler) SetDraining(on bool) { h.draining.Store(on) }
+
+// Shutdown refuses new sessions and answers every long-poll being held
+// with a system-shutdown terminate, for a sidecar that is going away. The
+// shim is told to drop those requests, so nothing ejabberd sends later is
+// lost: it waits for the client's next request, wherever that goes.
+func (h *Handler) Shutdown() {
+	h.draining.Store(true)
+	h.stopLongPoll()
 }
 
 // Sessions returns how many BOSH sessions the front routes to each node.
@@ -119,12 +136,17 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 		h.refuse(w, http.StatusInternalServerError, "internal error")
 		return
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.cfg.MaxBodyBytes))
+	conn.SetTransport("bosh")
+	maxBody := conn.Limits().MaxBodyBytes
+	if maxBody <= 0 {
+		maxBody = defaultMaxBodyBytes
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			h.refuse(w, http.StatusRequestEntityTooLarge,
-				fmt.Sprintf("request body over %d bytes", h.cfg.MaxBodyBytes))
+				fmt.Sprintf("request body over %d bytes", maxBody))
 			return
 		}
 		h.refuse(w, http.StatusBadRequest, "could not read the request body")
@@ -135,6 +157,11 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 		h.refuse(w, http.StatusBadRequest, err.Error())
 		return
 	}
+	if info.SID == "" && h.draining.Load() {
+		h.refused.Add(1)
+		h.terminate(w, "system-shutdown")
+		return
+	}
 	peer := conn.Peer
 	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
 		peer = ap
@@ -143,8 +170,13 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 
 	ctx, cancel := context.WithTimeout(r.Context(), h.cfg.MaxWait)
 	defer cancel()
+	defer context.AfterFunc(h.stopping, cancel)()
 	h.forwarded.Add(1)
-	resp, err := h.router.route(ctx, req, info)
+	resp, sid, err := h.router.route(ctx, req, info)
+	if sid != "" {
+		conn.SetSession(sid)
+		conn.SetJID(h.router.jid(sid))
+	}
 	switch {
 	case err == nil:
 		if resp.Status == http.StatusOK && isEchoedRequest(body, resp.Body) {
@@ -158,6 +190,8 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 	case r.Context().Err() != nil:
 		// The client hung up; the backend already withdrew the request.
 		h.cancelled.Add(1)
+	case h.stopping.Err() != nil:
+		h.terminate(w, "system-shutdown")
 	case errors.Is(err, context.DeadlineExceeded):
 		h.failed.Add(1)
 		h.refuse(w, http.StatusGatewayTimeout, "ejabberd did not answer in time")

@@ -45,32 +45,35 @@ type router struct {
 type owner struct {
 	node     int
 	lastSeen time.Time
+	jid      string // bound by ejabberd, once it has answered the bind
 }
 
 func newRouter(nodes []Node) *router {
 	return &router{nodes: nodes, owners: make(map[string]owner)}
 }
 
-// route forwards one request and learns from the answer.
-func (r *router) route(ctx context.Context, req etf.BOSHRequest, info bodyInfo) (etf.BOSHResponse, error) {
+// route forwards one request and learns from the answer. It returns the
+// answer and the sid of the session the request belongs to ("" if none).
+func (r *router) route(ctx context.Context, req etf.BOSHRequest, info bodyInfo) (etf.BOSHResponse, string, error) {
 	i, err := r.pick(ctx, info.SID)
 	if err != nil {
-		return etf.BOSHResponse{}, err
+		return etf.BOSHResponse{}, info.SID, err
 	}
 	resp, err := r.nodes[i].ProcessBOSH(ctx, req)
 	if err != nil {
-		return resp, err
+		return resp, info.SID, err
 	}
 	sid, terminate := responseRoot(resp.Body)
 	switch {
 	case info.Terminate || terminate:
 		r.forget(info.SID)
 	case info.SID == "" && sid != "":
-		r.remember(sid, i)
+		r.remember(sid, i, resp.Body)
 	case info.SID != "":
-		r.remember(info.SID, i)
+		sid = info.SID
+		r.remember(sid, i, resp.Body)
 	}
-	return resp, nil
+	return resp, sid, nil
 }
 
 // pick chooses the node for a request: the owner of its session if known;
@@ -107,11 +110,18 @@ func (r *router) pick(ctx context.Context, sid string) (int, error) {
 	return 0, errNoNode
 }
 
-func (r *router) remember(sid string, node int) {
+// remember records that node owns the session, and the JID ejabberd bound
+// on it if this answer is the bind's.
+func (r *router) remember(sid string, node int, answer []byte) {
 	now := time.Now()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.owners[sid] = owner{node: node, lastSeen: now}
+	o := r.owners[sid]
+	o.node, o.lastSeen = node, now
+	if o.jid == "" {
+		o.jid = boundJID(answer)
+	}
+	r.owners[sid] = o
 	// Sessions that end by inactivity never say so: sweep now and then.
 	if r.sweeps++; r.sweeps >= 1024 {
 		r.sweeps = 0
@@ -130,6 +140,13 @@ func (r *router) forget(sid string) {
 	r.mu.Lock()
 	delete(r.owners, sid)
 	r.mu.Unlock()
+}
+
+// jid returns the JID bound on a session, or "".
+func (r *router) jid(sid string) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.owners[sid].jid
 }
 
 // sessions returns how many sessions each node owns, by peer name.

@@ -201,6 +201,8 @@ func ParseShimMessage(t Term) (any, error) {
 			return nil, fmt.Errorf("%w: malformed DOWN", ErrNotProtocol)
 		}
 		return Down{Ref: ref, Pid: pid, Reason: tup[4]}, nil
+	case tag == atomControl && len(tup) == 4:
+		return parseControl(tup)
 	case tag == atomBOSHResponse && len(tup) == 7:
 		return parseBOSHResponse(tup)
 	case tag == "c2s_out" && len(tup) == 3:

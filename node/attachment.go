@@ -207,6 +207,8 @@ func (a *Attachment) handle(welcome chan<- any) Handler {
 			// every request in flight at once and starts a fresh hello.
 			a.log.Warn("the shim's session ended; re-attaching", zap.Any("reason", m.Reason))
 			l.Close()
+		case etf.ControlRequest:
+			a.startControl(l, m)
 		case etf.C2SStarted, etf.C2SRefused, etf.C2SOut, etf.C2SClose, etf.C2SShaper:
 			a.handleStreamMessage(m)
 		case etf.BOSHResponse:

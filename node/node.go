@@ -37,7 +37,10 @@ type Config struct {
 	TickInterval time.Duration
 	// WriteTimeout bounds one write to a peer; 0 means 30 s.
 	WriteTimeout time.Duration
-	Logger       *zap.Logger
+	// Controller answers the operator's commands from ejabberd's shell;
+	// without one they are answered {error, not_supported}.
+	Controller Controller
+	Logger     *zap.Logger
 }
 
 // Node is the sidecar's identity in the distribution.
@@ -48,6 +51,8 @@ type Node struct {
 	self     etf.Pid
 	log      *zap.Logger
 	refs     atomic.Uint64
+	// controlSlots holds one token per operator command running.
+	controlSlots chan struct{}
 }
 
 // makeRef returns a reference unique for this run of the node.
@@ -85,7 +90,8 @@ func New(cfg Config) (*Node, error) {
 	if creation < 4 {
 		creation += 4 // 0-3 are reserved for old-style creations
 	}
-	n := &Node{cfg: cfg, name: etf.Atom(cfg.Name), creation: creation, log: cfg.Logger}
+	n := &Node{cfg: cfg, name: etf.Atom(cfg.Name), creation: creation, log: cfg.Logger,
+		controlSlots: make(chan struct{}, maxConcurrentControls)}
 	n.self = etf.Pid{Node: n.name, ID: 1, Creation: creation}
 	return n, nil
 }

@@ -92,6 +92,9 @@ func (a *Attachment) OpenStream(ctx context.Context, open etf.C2SOpen, sink Stre
 // MaxStanzaBytes is ejabberd's max_stanza_size for the stream (0: none).
 func (st *Stream) MaxStanzaBytes() int64 { return st.maxStanza }
 
+// Describe names the stream's c2s process, as ejabberd prints its pid.
+func (st *Stream) Describe() string { return st.c2s.String() }
+
 // Send hands parsed client events straight to the c2s process.
 func (st *Stream) Send(events []etf.Term) error {
 	return st.s.link.Send(st.c2s, etf.C2SInput(events))

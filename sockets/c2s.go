@@ -30,6 +30,9 @@ type Stream interface {
 	Send(events []etf.Term) error
 	Close()
 	MaxStanzaBytes() int64
+	// Describe names ejabberd's end of the stream (its c2s pid), for the
+	// operator's connection list.
+	Describe() string
 }
 
 // StreamBackend starts ejabberd_c2s for a client stream.
@@ -46,8 +49,6 @@ type C2SConfig struct {
 	// HandshakeTimeout bounds everything before c2s runs: the stream
 	// header, STARTTLS, the TLS handshake. 0 means 30 s.
 	HandshakeTimeout time.Duration
-	// MaxStanzaBytes bounds a stanza until ejabberd says its own limit.
-	MaxStanzaBytes int64
 	// MaxPendingWrite bounds what may wait to be written to one client; a
 	// client that reads slower than that is disconnected. 0 means 1 MiB.
 	MaxPendingWrite int
@@ -107,6 +108,8 @@ type c2sConn struct {
 
 func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS bool) {
 	c := &c2sConn{conn: raw, raw: raw, cfg: cfg, log: cfg.Logger.With(zap.Uint64("conn", raw.ID))}
+	raw.SetTransport("tcp")
+	raw.OnEnd(c.streamErrorCondition)
 	c.out = newOutbox(cfg.MaxPendingWrite, func() {
 		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", cfg.MaxPendingWrite))
 		_ = raw.Close()
@@ -126,6 +129,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 		}
 		c.setConn(tc)
 		transport = "tls"
+		raw.SetTransport(transport)
 	case cfg.TLS != nil:
 		tc, err := c.startTLS()
 		if err != nil {
@@ -134,9 +138,10 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 		}
 		c.setConn(tc)
 		transport = "tls"
+		raw.SetTransport(transport)
 	}
 
-	parser := xmlstream.NewParser(c.conn, xmlstream.Limits{MaxStanzaBytes: cfg.MaxStanzaBytes})
+	parser := xmlstream.NewParser(c.conn, xmlstream.Limits{MaxStanzaBytes: raw.registry.Limits().MaxStanzaBytes})
 	header, err := parser.Next()
 	if err != nil {
 		c.streamError(err)
@@ -152,6 +157,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 		return
 	}
 	defer stream.Close()
+	raw.SetSession(stream.Describe())
 	parser.SetMaxStanzaBytes(stream.MaxStanzaBytes())
 	_ = raw.SetDeadline(time.Time{}) // c2s keeps its own timers from here
 	if err := stream.Send([]etf.Term{header}); err != nil {
@@ -233,7 +239,19 @@ func (c *c2sConn) Write(ev etf.Term) {
 		c.headerSent = true
 		c.mu.Unlock()
 	}
+	learnJID(c.raw, ev)
 	c.out.push(b)
+}
+
+// learnJID records the JID ejabberd binds on a stream, for the operator's
+// connection list; once it is known, nothing is looked at.
+func learnJID(conn *Conn, ev etf.Term) {
+	if conn.JID() != "" {
+		return
+	}
+	if jid := xmlstream.BoundJID(ev); jid != "" {
+		conn.SetJID(jid)
+	}
 }
 
 // Close ends the connection once what is queued is written (StreamSink).

@@ -10,54 +10,27 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 )
 
-// IDs hands out connection IDs: 64-bit, unique for one run of the sidecar,
-// shared by every listener so that an ID names one connection, whatever its
-// kind. Together with the sidecar's pid (fresh each run) an ID is unique for
-// ejabberd too.
-type IDs struct{ last atomic.Uint64 }
-
-// Next returns a new connection ID; IDs start at 1.
-func (s *IDs) Next() uint64 { return s.last.Add(1) }
-
-// Limits bound what one listener accepts. Zero means no limit.
-type Limits struct {
-	MaxConns      int // open connections in all
-	MaxConnsPerIP int // open connections from one source address
-}
-
-// Stats counts a listener's connections.
-type Stats struct {
-	Open     int
-	Accepted uint64
-	Refused  uint64
-}
-
-// Listener accepts client connections, gives each an ID, and refuses those
-// over the limits by closing them at once: nothing of theirs is read.
+// Listener accepts client connections, registers each (which gives it an
+// ID), and refuses those over the registry's limits by closing them at
+// once: nothing of theirs is read.
 type Listener struct {
 	net.Listener
-	ids    *IDs
-	limits Limits
-	log    *zap.Logger
-
-	mu       sync.Mutex
-	open     int
-	perIP    map[netip.Addr]int
-	accepted uint64
-	refused  uint64
+	registry *Registry
+	log      *zap.Logger
 }
 
-// Listen opens a TCP listener on addr.
-func Listen(addr string, ids *IDs, limits Limits, log *zap.Logger) (*Listener, error) {
+// Listen opens a TCP listener on addr whose connections join registry.
+func Listen(addr string, registry *Registry, log *zap.Logger) (*Listener, error) {
 	inner, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
-	return &Listener{Listener: inner, ids: ids, limits: limits, log: log, perIP: make(map[netip.Addr]int)}, nil
+	return &Listener{Listener: inner, registry: registry, log: log}, nil
 }
 
 // Accept waits for the next connection that fits the limits.
@@ -67,63 +40,130 @@ func (l *Listener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		peer := addrPort(raw.RemoteAddr())
-		if reason := l.admit(peer.Addr()); reason != "" {
-			l.log.Debug("connection refused", zap.Stringer("peer", peer), zap.String("reason", reason))
+		c, reason := l.registry.admit(raw)
+		if c == nil {
+			l.log.Debug("connection refused", zap.Stringer("peer", raw.RemoteAddr()), zap.String("reason", reason))
 			_ = raw.Close()
 			continue
 		}
-		return &Conn{Conn: raw, ID: l.ids.Next(), Peer: peer, owner: l}, nil
+		return c, nil
 	}
 }
 
-func (l *Listener) admit(ip netip.Addr) string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	switch {
-	case l.limits.MaxConns > 0 && l.open >= l.limits.MaxConns:
-		l.refused++
-		return "max connections"
-	case l.limits.MaxConnsPerIP > 0 && l.perIP[ip] >= l.limits.MaxConnsPerIP:
-		l.refused++
-		return "max connections per IP"
-	}
-	l.open++
-	l.perIP[ip]++
-	l.accepted++
-	return ""
-}
-
-func (l *Listener) release(ip netip.Addr) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.open--
-	if l.perIP[ip]--; l.perIP[ip] <= 0 {
-		delete(l.perIP, ip)
-	}
-}
-
-// Stats returns the listener's counts.
-func (l *Listener) Stats() Stats {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return Stats{Open: l.open, Accepted: l.accepted, Refused: l.refused}
-}
-
-// Conn is an accepted client connection.
+// Conn is an accepted client connection. It counts the bytes that cross
+// it (what the operator's connection list shows) and carries what the
+// layers above learn about it: its transport, the JID bound on it, the
+// BOSH session it last served.
 type Conn struct {
 	net.Conn
-	ID    uint64
-	Peer  netip.AddrPort
-	owner *Listener
-	once  sync.Once
+	ID       uint64
+	Peer     netip.AddrPort
+	Opened   time.Time
+	registry *Registry
+	once     sync.Once
+
+	bytesIn, bytesOut atomic.Uint64
+
+	mu        sync.Mutex
+	transport string
+	jid       string
+	boshSID   string
+	session   string            // ejabberd's side: the c2s pid or the BOSH sid
+	end       func(cond string) // ends an XMPP stream with a stream error
 }
 
-// Close closes the connection and frees its place in the limits.
+// Read counts what the client sent.
+func (c *Conn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	c.bytesIn.Add(uint64(n))
+	return n, err
+}
+
+// Write counts what the client was sent.
+func (c *Conn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.bytesOut.Add(uint64(n))
+	return n, err
+}
+
+// Close closes the connection and frees its place in the registry.
 func (c *Conn) Close() error {
 	err := c.Conn.Close()
-	c.once.Do(func() { c.owner.release(c.Peer.Addr()) })
+	c.once.Do(func() { c.registry.release(c) })
 	return err
+}
+
+// Limits returns the limits in force for the connection's registry.
+func (c *Conn) Limits() Limits { return c.registry.Limits() }
+
+// SetTransport names the protocol the connection speaks: tcp, tls,
+// websocket or bosh.
+func (c *Conn) SetTransport(t string) {
+	c.mu.Lock()
+	c.transport = t
+	c.mu.Unlock()
+}
+
+// SetJID records the JID ejabberd bound on the connection.
+func (c *Conn) SetJID(jid string) {
+	c.mu.Lock()
+	c.jid = jid
+	c.mu.Unlock()
+}
+
+// JID returns the JID bound on the connection, or "".
+func (c *Conn) JID() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.jid
+}
+
+// SetSession records ejabberd's end of the connection (a c2s pid, or the
+// sid of the BOSH session the connection last carried).
+func (c *Conn) SetSession(s string) {
+	c.mu.Lock()
+	c.session = s
+	c.mu.Unlock()
+}
+
+// OnEnd sets how the sidecar ends this connection on its own account (an
+// operator's kick, the end of a drain): XMPP streams send a stream error
+// with the given condition, then close. Without it the socket is closed.
+func (c *Conn) OnEnd(end func(cond string)) {
+	c.mu.Lock()
+	c.end = end
+	c.mu.Unlock()
+}
+
+// End ends the connection with a stream error condition (see OnEnd).
+func (c *Conn) End(cond string) {
+	c.mu.Lock()
+	end := c.end
+	c.mu.Unlock()
+	if end != nil {
+		end(cond)
+		return
+	}
+	_ = c.Close()
+}
+
+// Info is a snapshot of the connection.
+func (c *Conn) Info() ConnInfo {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return ConnInfo{ID: c.ID, Transport: c.transport, Peer: c.Peer, Opened: c.Opened,
+		BytesIn: c.bytesIn.Load(), BytesOut: c.bytesOut.Load(), JID: c.jid, Session: c.session}
+}
+
+// ConnInfo is what the operator sees of one connection.
+type ConnInfo struct {
+	ID                uint64
+	Transport         string
+	Peer              netip.AddrPort
+	Opened            time.Time
+	BytesIn, BytesOut uint64
+	JID               string
+	Session           string
 }
 
 type connKey struct{}

@@ -17,7 +17,8 @@ import (
 )
 
 func TestListenerLimitsAndIDs(t *testing.T) {
-	lis, err := Listen("127.0.0.1:0", &IDs{}, Limits{MaxConnsPerIP: 2}, zap.NewNop())
+	registry := NewRegistry(Limits{MaxConnsPerIP: 2})
+	lis, err := Listen("127.0.0.1:0", registry, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +62,7 @@ func TestListenerLimitsAndIDs(t *testing.T) {
 	b.Close()
 	c.Close()
 	second.Close()
-	if st := lis.Stats(); st.Refused != 1 || st.Accepted != 3 {
+	if st := registry.Stats(); st.Refused[RefusedMaxConnsPerIP] != 1 || st.Accepted != 3 || st.Open != 0 {
 		t.Errorf("stats %+v", st)
 	}
 }
@@ -102,6 +103,7 @@ func (s *echoStream) Send(events []etf.Term) error {
 func (s *echoStream) Close()                {}
 func (s *echoStream) Shape(int64)           {}
 func (s *echoStream) MaxStanzaBytes() int64 { return 1024 }
+func (s *echoStream) Describe() string      { return "echo" }
 
 const header = `<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>`
 
@@ -116,7 +118,7 @@ func TestStartTLSThenStream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lis, err := Listen("127.0.0.1:0", &IDs{}, Limits{}, zap.NewNop())
+	lis, err := Listen("127.0.0.1:0", NewRegistry(Limits{}), zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}

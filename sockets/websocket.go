@@ -13,8 +13,6 @@ import (
 
 // WebSocketConfig tunes XMPP over WebSocket (RFC 7395).
 type WebSocketConfig struct {
-	// MaxStanzaBytes bounds one message until ejabberd says its limit.
-	MaxStanzaBytes int64
 	// MaxPendingWrite bounds what may wait to be written to one client;
 	// 0 means 1 MiB.
 	MaxPendingWrite int
@@ -33,9 +31,6 @@ type WebSocketHandler struct {
 
 // NewWebSocketHandler returns the handler.
 func NewWebSocketHandler(cfg WebSocketConfig, backend StreamBackend) *WebSocketHandler {
-	if cfg.MaxStanzaBytes <= 0 {
-		cfg.MaxStanzaBytes = 64 << 10
-	}
 	if cfg.MaxPendingWrite <= 0 {
 		cfg.MaxPendingWrite = 1 << 20
 	}
@@ -75,8 +70,14 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return // the upgrader has answered the client
 	}
 	defer ws.Close()
-	ws.SetReadLimit(h.cfg.MaxStanzaBytes + 1024)
-	c := &wsConn{ws: ws, cfg: h.cfg, log: h.cfg.Logger.With(zap.Uint64("conn", conn.ID))}
+	maxStanza := conn.registry.Limits().MaxStanzaBytes
+	if maxStanza <= 0 {
+		maxStanza = xmlstream.DefaultMaxStanzaBytes
+	}
+	ws.SetReadLimit(maxStanza + 1024)
+	c := &wsConn{ws: ws, conn: conn, cfg: h.cfg, log: h.cfg.Logger.With(zap.Uint64("conn", conn.ID))}
+	conn.SetTransport("websocket")
+	conn.OnEnd(c.streamError)
 	c.out = newOutbox(h.cfg.MaxPendingWrite, func() {
 		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", h.cfg.MaxPendingWrite))
 		_ = ws.UnderlyingConn().Close()
@@ -84,7 +85,7 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	go c.out.run(c.write, c.closeConn)
 	defer c.out.shutdown()
 
-	limits := xmlstream.Limits{MaxStanzaBytes: h.cfg.MaxStanzaBytes}
+	limits := xmlstream.Limits{MaxStanzaBytes: maxStanza}
 	_ = ws.SetReadDeadline(time.Now().Add(h.cfg.HandshakeTimeout))
 	open, err := c.readEvent(limits)
 	if err != nil {
@@ -104,6 +105,7 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer stream.Close()
+	conn.SetSession(stream.Describe())
 	if n := stream.MaxStanzaBytes(); n > 0 {
 		limits.MaxStanzaBytes = n
 		ws.SetReadLimit(n + 1024)
@@ -135,9 +137,10 @@ func hasXMPPSubprotocol(r *http.Request) bool {
 
 // wsConn is one WebSocket client stream.
 type wsConn struct {
-	ws  *websocket.Conn
-	cfg WebSocketConfig
-	log *zap.Logger
+	ws   *websocket.Conn
+	conn *Conn
+	cfg  WebSocketConfig
+	log  *zap.Logger
 
 	out    *outbox
 	shaper shaper
@@ -179,6 +182,7 @@ func (c *wsConn) Write(ev etf.Term) {
 		c.Close("bad event")
 		return
 	}
+	learnJID(c.conn, ev)
 	if ok {
 		c.out.push(b)
 	}

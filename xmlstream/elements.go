@@ -40,3 +40,58 @@ func attrValue(attrs etf.Term, key string) string {
 	}
 	return ""
 }
+
+// nsBind is resource binding's namespace (RFC 6120 §7).
+const nsBind = "urn:ietf:params:xml:ns:xmpp-bind"
+
+// BoundJID returns the JID in ejabberd's answer to a resource binding
+// (`<iq type='result'><bind><jid>…</jid></bind></iq>`, as the event
+// {xmlstreamelement, El} c2s writes), or "" for any other event. The
+// sidecar learns a stream's JID this way, from ejabberd's own word, at
+// the cost of one comparison per event until the stream is bound.
+func BoundJID(ev etf.Term) string {
+	t, ok := ev.(etf.Tuple)
+	if !ok || len(t) != 2 || t[0] != etf.Atom("xmlstreamelement") {
+		return ""
+	}
+	iq := t[1]
+	if Name(iq) != "iq" || Attr(iq, "type") != "result" {
+		return ""
+	}
+	bind := child(iq, "bind")
+	if bind == nil || Attr(bind, "xmlns") != nsBind {
+		return ""
+	}
+	return text(child(bind, "jid"))
+}
+
+// child returns the first child element of el named name, or nil.
+func child(el etf.Term, name string) etf.Term {
+	t, ok := el.(etf.Tuple)
+	if !ok || len(t) != 4 {
+		return nil
+	}
+	children, _ := t[3].(etf.List)
+	for _, c := range children {
+		if Name(c) == name {
+			return c
+		}
+	}
+	return nil
+}
+
+// text returns the character data directly inside el.
+func text(el etf.Term) string {
+	t, ok := el.(etf.Tuple)
+	if !ok || len(t) != 4 {
+		return ""
+	}
+	children, _ := t[3].(etf.List)
+	var s []byte
+	for _, c := range children {
+		if cd, ok := c.(etf.Tuple); ok && len(cd) == 2 && cd[0] == etf.Atom("xmlcdata") {
+			s = append(s, asBytes(cd[1])...)
+		}
+	}
+	return string(s)
+}

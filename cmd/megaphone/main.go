@@ -10,8 +10,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -19,8 +17,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/megaphone-im/megaphone/bosh"
 	"github.com/megaphone-im/megaphone/node"
+	"github.com/megaphone-im/megaphone/sidecar"
 	"github.com/megaphone-im/megaphone/sockets"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -140,68 +138,38 @@ func run(ctx context.Context, o options, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	n, err := node.New(node.Config{Name: o.name, Cookie: cookie, EPMDPort: o.epmdPort, Logger: log})
+	sc, err := sidecar.New(sidecar.Config{
+		Nodes: o.nodes, Name: o.name, Cookie: cookie, EPMDPort: o.epmdPort,
+		BOSHAddr: o.boshAddr, BOSHPaths: strings.Split(o.boshPaths, ","), WSPath: o.wsPath,
+		C2SAddr: o.c2sAddr, C2STLSAddr: o.c2sTLSAddr, TLSCert: o.tlsCert, TLSKey: o.tlsKey,
+		Limits: sockets.Limits{MaxConns: o.maxConns, MaxConnsPerIP: o.maxConnsPerIP,
+			MaxBodyBytes: o.maxBody, MaxStanzaBytes: o.maxBody},
+		HandshakeTimeout: o.handshake, MaxWait: o.maxWait, ShutdownGrace: o.shutdownGrace,
+		Version: version, Logger: log,
+	})
 	if err != nil {
 		return err
 	}
-	log.Info("megaphone starting", zap.String("version", version), zap.String("name", o.name),
-		zap.Strings("ejabberd", o.nodes), zap.Stringer("pid", n.Self()))
-	attachCtx, stopAttach := context.WithCancel(context.Background())
-	defer stopAttach()
-	// One attachment per ejabberd node; the BOSH front spreads new sessions
-	// over those attached and pins each session to its node.
-	var nodes []bosh.Node
-	streams := &streamBackend{}
-	for _, peer := range o.nodes {
-		a := n.Attach(attachCtx, peer, version)
-		nodes = append(nodes, a)
-		streams.nodes = append(streams.nodes, a)
-	}
-	ids := &sockets.IDs{}
-	limits := sockets.Limits{MaxConns: o.maxConns, MaxConnsPerIP: o.maxConnsPerIP}
-	if err := serveC2S(ctx, o, ids, limits, streams, log); err != nil {
-		return err
-	}
+	go reloadOnHUP(ctx, sc, log)
+	return sc.Run(ctx)
+}
 
-	lis, err := sockets.Listen(o.boshAddr, ids, limits, log)
-	if err != nil {
-		return fmt.Errorf("BOSH listener: %w", err)
-	}
-	front := bosh.NewHandler(bosh.Config{MaxBodyBytes: o.maxBody, MaxWait: o.maxWait, Logger: log}, nodes...)
-	mux := http.NewServeMux()
-	if o.wsPath != "" {
-		mux.Handle(o.wsPath, sockets.NewWebSocketHandler(sockets.WebSocketConfig{
-			MaxStanzaBytes: o.maxBody, HandshakeTimeout: o.handshake, Logger: log.Named("ws")}, streams))
-	}
-	for _, p := range strings.Split(o.boshPaths, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			mux.Handle(p, front)
+// reloadOnHUP reloads the certificate on SIGHUP; live connections keep
+// theirs, new handshakes get the new one.
+func reloadOnHUP(ctx context.Context, sc *sidecar.Sidecar, log *zap.Logger) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			if err := sc.ReloadCertificates(); err != nil {
+				log.Error("certificate reload failed; keeping the old one", zap.Error(err))
+			} else {
+				log.Info("certificate reloaded")
+			}
 		}
 	}
-	srv := &http.Server{
-		Handler:           mux,
-		ConnContext:       func(ctx context.Context, c net.Conn) context.Context { return sockets.WithConn(ctx, c) },
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		WriteTimeout:      o.maxWait + 10*time.Second,
-		IdleTimeout:       120 * time.Second,
-		MaxHeaderBytes:    16 << 10,
-		ErrorLog:          zap.NewStdLog(log.Named("http")),
-	}
-	log.Info("serving BOSH", zap.String("url", "http://"+lis.Addr().String()+"/bosh"))
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(lis) }()
-
-	select {
-	case err := <-serveErr:
-		return err
-	case <-ctx.Done():
-	}
-	log.Info("shutting down", zap.Duration("grace", o.shutdownGrace))
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), o.shutdownGrace)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		_ = srv.Close()
-	}
-	return nil
 }

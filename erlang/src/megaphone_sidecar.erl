@@ -7,7 +7,7 @@
 -module(megaphone_sidecar).
 -behaviour(gen_server).
 
--export([start_link/3, status/1]).
+-export([start_link/3, status/1, control/2, c2s_of/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 %% Connection and request ids are the sidecar's 64-bit unsigned integers.
@@ -24,8 +24,10 @@
           requests = 0 :: non_neg_integer(),
           streams = 0 :: non_neg_integer(),
           %% Live c2s processes, by monitor, with their reductions at the
-          %% last sweep: a c2s whose count has not moved is idle.
-          c2s = #{} :: #{reference() => {pid(), non_neg_integer()}},
+          %% last sweep (a c2s whose count has not moved is idle) and the
+          %% sidecar's connection id.
+          c2s = #{} :: #{reference() => {pid(), non_neg_integer(), non_neg_integer()}},
+          draining = false :: boolean(),
           swept = 0 :: non_neg_integer(),
           cancelled = 0 :: non_neg_integer(),
           failed = 0 :: non_neg_integer()}).
@@ -38,6 +40,21 @@ start_link(Sidecar, Version, Info) ->
 -spec status(pid()) -> map().
 status(Session) ->
     gen_server:call(Session, status, 1000).
+
+%% @doc Sends an operator's command to a sidecar; it answers the caller
+%% with {megaphone_reply, Ref, Result}. See docs/PROTOCOL.md.
+-spec control(pid(), term()) -> reference().
+control(Sidecar, Command) ->
+    Ref = make_ref(),
+    erlang:send(Sidecar, {megaphone_control, self(), Ref, Command}, [noconnect]),
+    Ref.
+
+%% @doc The c2s process this session started for a connection, if alive.
+-spec c2s_of(pid(), non_neg_integer()) -> pid() | undefined.
+c2s_of(Session, ConnId) ->
+    try gen_server:call(Session, {c2s_of, ConnId}, 1000)
+    catch exit:_ -> undefined
+    end.
 
 -spec init({pid(), pos_integer(), map()}) -> {ok, #state{}}.
 init({Sidecar, Version, Info}) ->
@@ -54,6 +71,9 @@ init({Sidecar, Version, Info}) ->
 -spec handle_call(term(), gen_server:from(), #state{}) -> {reply, term(), #state{}}.
 handle_call(status, _From, State) ->
     {reply, describe(State), State};
+handle_call({c2s_of, ConnId}, _From, #state{c2s = C2S} = State) ->
+    Found = [Pid || {Pid, _, Id} <- maps:values(C2S), Id =:= ConnId],
+    {reply, case Found of [P | _] -> P; [] -> undefined end, State};
 handle_call(_Request, _From, State) ->
     {reply, {error, unknown_call}, State}.
 
@@ -86,6 +106,11 @@ handle_info({'DOWN', Ref, process, _, Reason}, #state{monitor = Ref} = State) ->
 handle_info({'DOWN', Ref, process, _, _Reason}, #state{c2s = C2S} = State)
   when is_map_key(Ref, C2S) ->
     {noreply, State#state{c2s = maps:remove(Ref, C2S)}};
+handle_info({sidecar_draining, On}, State) when is_boolean(On) ->
+    logger:notice("megaphone: sidecar ~p ~ts", [State#state.sidecar,
+                                               case On of true -> "is draining: it takes no new connections";
+                                                          false -> "takes new connections again" end]),
+    {noreply, State#state{draining = On}};
 handle_info(sweep, State) ->
     schedule_sweep(),
     {noreply, sweep(State)};
@@ -156,7 +181,7 @@ open_c2s(ConnId, TransportBin, Peer, Local, #state{sidecar = Sidecar} = State) -
         {c2s_started, _, Pid, _} ->
             Ref = erlang:monitor(process, Pid),
             State#state{streams = State#state.streams + 1,
-                        c2s = (State#state.c2s)#{Ref => {Pid, 0}}};
+                        c2s = (State#state.c2s)#{Ref => {Pid, 0, ConnId}}};
         _ ->
             State
     end.
@@ -174,13 +199,13 @@ schedule_sweep() ->
 sweep(#state{c2s = C2S} = State) ->
     {C2S1, Swept} =
         maps:fold(
-          fun(Ref, {Pid, Last}, {Acc, N}) ->
+          fun(Ref, {Pid, Last, Id}, {Acc, N}) ->
                   case erlang:process_info(Pid, [reductions, message_queue_len]) of
                       [{reductions, Last}, {message_queue_len, 0}] ->
                           erlang:garbage_collect(Pid, [{async, megaphone_sweep}]),
-                          {Acc#{Ref => {Pid, Last}}, N + 1};
+                          {Acc#{Ref => {Pid, Last, Id}}, N + 1};
                       [{reductions, Now}, _] ->
-                          {Acc#{Ref => {Pid, Now}}, N};
+                          {Acc#{Ref => {Pid, Now, Id}}, N};
                       undefined ->
                           {Acc, N}
                   end
@@ -216,6 +241,8 @@ reject(ConnId, ReqId, Reason, #state{sidecar = Sidecar} = State) ->
 
 describe(#state{} = S) ->
     #{sidecar => S#state.sidecar,
+      session => self(),
+      draining => S#state.draining,
       node => node(S#state.sidecar),
       name => maps:get(name, S#state.info, <<>>),
       build => maps:get(build, S#state.info, <<>>),
