@@ -1,0 +1,135 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/megaphone-im/megaphone/cmd/megaphone-bench/loadgen"
+)
+
+// idleWait lets two sweeps of the shim see every c2s idle.
+const idleWait = 3*sweepMs*time.Millisecond + time.Second
+
+// idleResult is one path's idle-session cost at one N, per session.
+type idleResult struct {
+	kind      loadgen.Kind
+	megaphone bool
+	n         int
+	loginRate float64 // logins/s
+	// KiB per session: growth over the idle baseline divided by n.
+	beamRSS, erlang, erlangGC, sidecarRSS, kernel float64
+	processes, ports                              float64 // per session
+}
+
+// total is what one idle session costs the machine's server side: beam,
+// sidecar and the kernel's half of the loopback connection.
+func (r idleResult) total() float64 { return r.beamRSS + r.sidecarRSS + r.kernel }
+
+func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.Target, n int) (idleResult, error) {
+	pid := 0
+	if sc != nil {
+		pid = sc.pid()
+	}
+	base, err := measure(ctx, nd.ej, pid)
+	if err != nil {
+		return idleResult{}, err
+	}
+	sessions, took, err := loginAll(ctx, c, t, "b", 1, n)
+	if err != nil {
+		return idleResult{}, err
+	}
+	time.Sleep(idleWait)
+	loaded, err := measure(ctx, nd.ej, pid)
+	closeAll(sessions)
+	if err != nil {
+		return idleResult{}, err
+	}
+	per := func(a, b int64) float64 { return float64(b-a) / float64(n) / 1024 }
+	r := idleResult{
+		n:          n,
+		loginRate:  float64(n) / took.Seconds(),
+		beamRSS:    per(base.beamRSS, loaded.beamRSS),
+		erlang:     per(base.erlangGC, loaded.erlangTotal),
+		erlangGC:   per(base.erlangGC, loaded.erlangGC),
+		sidecarRSS: per(base.sidecarRSS, loaded.sidecarRSS),
+		// Both ends of every client connection are on this box; the
+		// server's end is half.
+		kernel:    per(base.kernel, loaded.kernel) / 2,
+		processes: float64(loaded.processes-base.processes) / float64(n),
+		ports:     float64(loaded.ports-base.ports) / float64(n),
+	}
+	return r, settle(ctx, nd)
+}
+
+// settle waits until the node is back to no session and its baseline
+// processes, so that the next phase starts from the same place.
+func settle(ctx context.Context, nd *node) error {
+	if err := waitSessions(ctx, nd.ej, 0); err != nil {
+		return err
+	}
+	return waitProcesses(ctx, nd.ej, nd.baseline+20)
+}
+
+// loginAll logs users prefix<first>..prefix<first+n-1> in over t with
+// c.workers logins at a time, and returns the sessions and the time taken.
+func loginAll(ctx context.Context, c config, t loadgen.Target, prefix string, first, n int) ([]loadgen.Session, time.Duration, error) {
+	sessions := make([]loadgen.Session, n)
+	var next atomic.Int64
+	var firstErr error
+	var once sync.Once
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := 0; w < c.workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n {
+					return
+				}
+				s, err := loadgen.Login(ctx, c.dialer, t, prefix+strconv.Itoa(first+i), "pw")
+				if err != nil {
+					once.Do(func() { firstErr = err })
+					next.Store(int64(n)) // the other workers stop too
+					return
+				}
+				sessions[i] = s
+			}
+		}()
+	}
+	wg.Wait()
+	took := time.Since(start)
+	if firstErr != nil {
+		closeAll(sessions)
+		return nil, 0, fmt.Errorf("login over %s at %s: %w", t.Kind, t.Addr, firstErr)
+	}
+	return sessions, took, nil
+}
+
+// closeAll logs every session out, a few at a time (a BOSH logout is an
+// HTTP request of its own).
+func closeAll(sessions []loadgen.Session) {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for w := 0; w < 32; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= len(sessions) {
+					return
+				}
+				if sessions[i] != nil {
+					sessions[i].Close()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}

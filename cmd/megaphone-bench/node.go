@@ -1,0 +1,307 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/megaphone-im/megaphone/cmd/megaphone-bench/loadgen"
+	"github.com/megaphone-im/megaphone/test/harness"
+)
+
+// sweepMs is the shim's idle-c2s sweep interval for the run (60 s by
+// default): short, so that the idle wait sees its effect.
+const sweepMs = 2000
+
+// node is one private ejabberd with the shim loaded, a direct-TLS c2s
+// listener beside the harness's plain one, and users b1..bN (password pw).
+type node struct {
+	ej       *harness.Ejabberd
+	tlsPort  int
+	baseline int // Erlang processes with no session
+}
+
+// boshInactivity ends BOSH sessions soon after their client hangs up, so
+// that one side's sessions are gone before the next side starts.
+const boshInactivity = 5 * time.Second
+
+func startNode(ctx context.Context, c config, users int) (*node, error) {
+	tlsPort, err := harness.FreePort()
+	if err != nil {
+		return nil, err
+	}
+	extra := fmt.Sprintf(`certfiles:
+  - %q
+  - %q
+listen:
+  -
+    port: %d
+    ip: "127.0.0.1"
+    module: ejabberd_c2s
+    backlog: 1024
+    tls: true
+    max_stanza_size: 262144
+    shaper: c2s_shaper
+    access: c2s
+`, c.cert, c.key, tlsPort)
+	ej, err := harness.Start(ctx, harness.Options{Name: "bench", StartTimeout: time.Minute, ExtraConfig: extra,
+		BOSHInactivity: boshInactivity})
+	if err != nil {
+		return nil, err
+	}
+	nd := &node{ej: ej, tlsPort: tlsPort}
+	if err := nd.prepare(ctx, c, users); err != nil {
+		ej.Stop()
+		return nil, err
+	}
+	return nd, nil
+}
+
+func (nd *node) prepare(ctx context.Context, c config, users int) error {
+	if err := waitDial(fmt.Sprintf("127.0.0.1:%d", nd.tlsPort)); err != nil {
+		return err
+	}
+	if out, err := nd.ej.LoadShim(ctx, c.ebin); err != nil {
+		return fmt.Errorf("shim: %v\n%s", err, out)
+	}
+	if _, err := nd.ej.Eval(ctx, fmt.Sprintf("application:set_env(megaphone, gc_sweep_interval, %d)", sweepMs)); err != nil {
+		return err
+	}
+	if err := registerUsers(ctx, nd.ej, "b", "pw", users, false); err != nil {
+		return err
+	}
+	v, err := nd.ej.Eval(ctx, "erlang:system_info(process_count)")
+	if err != nil {
+		return err
+	}
+	nd.baseline, _ = strconv.Atoi(strings.TrimSpace(v))
+	return nil
+}
+
+// registerUsers registers prefix1..prefixN in one loop on the node (one
+// Eval, not one ejabberdctl per user). With numbered, the password of
+// prefixI is passwordI, as Tsung expects.
+func registerUsers(ctx context.Context, ej *harness.Ejabberd, prefix, password string, n int, numbered bool) error {
+	pw := fmt.Sprintf("<<%q>>", password)
+	if numbered {
+		pw = fmt.Sprintf("<<%q, (integer_to_binary(I))/binary>>", password)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	v, err := ej.Eval(ctx, fmt.Sprintf(`length([ok || I <- lists:seq(1, %d),
+	    ejabberd_auth:try_register(<<%q, (integer_to_binary(I))/binary>>, <<"localhost">>, %s) =/= {error, not_allowed}])`,
+		n, prefix, pw))
+	if err != nil {
+		return err
+	}
+	if strings.TrimSpace(v) != strconv.Itoa(n) {
+		return fmt.Errorf("registered %s of %d users", v, n)
+	}
+	return nil
+}
+
+func (nd *node) nativeTarget(kind loadgen.Kind) loadgen.Target {
+	t := loadgen.Target{Kind: kind, Domain: "localhost", Addr: fmt.Sprintf("127.0.0.1:%d", nd.ej.C2SPort)}
+	switch kind {
+	case loadgen.TLS:
+		t.Addr = fmt.Sprintf("127.0.0.1:%d", nd.tlsPort)
+	case loadgen.WebSocket:
+		t.Addr, t.Path = fmt.Sprintf("127.0.0.1:%d", nd.ej.HTTPPort), "/ws"
+	case loadgen.BOSH:
+		t.Addr, t.Path = fmt.Sprintf("127.0.0.1:%d", nd.ej.HTTPPort), "/bosh"
+	}
+	return t
+}
+
+// sidecar is one Megaphone process serving one transport.
+type sidecar struct {
+	cmd    *exec.Cmd
+	target loadgen.Target
+}
+
+func startSidecar(ctx context.Context, c config, nd *node, kind loadgen.Kind) (*sidecar, error) {
+	port, err := harness.FreePort()
+	if err != nil {
+		return nil, err
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	args := []string{"--node", nd.ej.Node, "--cookie-file", nd.ej.CookieFile, "--log-level", "warn"}
+	t := loadgen.Target{Kind: kind, Addr: addr, Domain: "localhost"}
+	switch kind {
+	case loadgen.TCP:
+		args = append(args, "--c2s-addr", addr, "--bosh-addr", "127.0.0.1:0")
+	case loadgen.TLS:
+		args = append(args, "--c2s-tls-addr", addr, "--tls-cert", c.cert, "--tls-key", c.key, "--bosh-addr", "127.0.0.1:0")
+	case loadgen.WebSocket:
+		args = append(args, "--bosh-addr", addr, "--ws-path", "/ws")
+		t.Path = "/ws"
+	case loadgen.BOSH:
+		args = append(args, "--bosh-addr", addr)
+		t.Path = "/bosh"
+	}
+	return launchSidecar(ctx, c, nd, args, t)
+}
+
+func launchSidecar(ctx context.Context, c config, nd *node, args []string, t loadgen.Target) (*sidecar, error) {
+	cmd := exec.Command(c.bin, args...)
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	sc := &sidecar{cmd: cmd, target: t}
+	if err := waitDial(t.Addr); err != nil {
+		sc.stop()
+		return nil, err
+	}
+	// Attached once the node lists it as a hidden node and its hello had
+	// a moment to land.
+	want := fmt.Sprintf("megaphone_%d@", cmd.Process.Pid)
+	for i := 0; ; i++ {
+		v, err := nd.ej.Eval(ctx, "[atom_to_list(N) || N <- nodes(hidden)]")
+		if err == nil && strings.Contains(v, want) {
+			break
+		}
+		if i == 50 {
+			sc.stop()
+			return nil, fmt.Errorf("sidecar %s did not attach (%v %s)", want, err, v)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	time.Sleep(500 * time.Millisecond)
+	return sc, nil
+}
+
+func (sc *sidecar) pid() int { return sc.cmd.Process.Pid }
+
+// stop ends the sidecar this run started (by its own PID).
+func (sc *sidecar) stop() {
+	_ = sc.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = sc.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		_ = sc.cmd.Process.Kill()
+		<-done
+	}
+}
+
+func waitDial(addr string) error {
+	for i := 0; i < 100; i++ {
+		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			c.Close()
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("%s does not accept connections", addr)
+}
+
+// sample is one measurement of the node, the sidecar and the kernel.
+type sample struct {
+	beamRSS, erlangTotal, erlangGC, sidecarRSS int64 // bytes
+	kernel                                     int64 // socket buffers and socket slabs, bytes
+	processes, ports                           int
+}
+
+func measure(ctx context.Context, ej *harness.Ejabberd, sidecarPid int) (sample, error) {
+	var s sample
+	v, err := ej.Eval(ctx, `{erlang:memory(total), erlang:system_info(process_count), erlang:system_info(port_count),
+	    begin [erlang:garbage_collect(P) || P <- processes()], [erlang:garbage_collect(P) || P <- processes()],
+	    erlang:memory(total) end}`)
+	if err != nil {
+		return s, err
+	}
+	f := strings.FieldsFunc(v, func(r rune) bool { return r == '{' || r == '}' || r == ',' || r == ' ' || r == '\n' })
+	if len(f) != 4 {
+		return s, fmt.Errorf("unexpected %q", v)
+	}
+	s.erlangTotal, _ = strconv.ParseInt(f[0], 10, 64)
+	s.processes, _ = strconv.Atoi(f[1])
+	s.ports, _ = strconv.Atoi(f[2])
+	s.erlangGC, _ = strconv.ParseInt(f[3], 10, 64)
+	s.beamRSS = rss(ej.Pid)
+	if sidecarPid > 0 {
+		s.sidecarRSS = rss(sidecarPid)
+	}
+	s.kernel = kernelTCPBuffers() + kernelSocketSlabs()
+	return s, nil
+}
+
+func rss(pid int) int64 {
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			kb, _ := strconv.ParseInt(f[1], 10, 64)
+			return kb * 1024
+		}
+	}
+	return 0
+}
+
+// kernelTCPBuffers is the kernel's TCP buffer memory (/proc/net/sockstat,
+// pages): what sockets have queued. Idle sockets queue next to nothing.
+func kernelTCPBuffers() int64 {
+	b, _ := os.ReadFile("/proc/net/sockstat")
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		for i := 0; i+1 < len(f); i++ {
+			if f[0] == "TCP:" && f[i] == "mem" {
+				pages, _ := strconv.ParseInt(f[i+1], 10, 64)
+				return pages * int64(os.Getpagesize())
+			}
+		}
+	}
+	return 0
+}
+
+// kernelSocketSlabs is what the kernel's socket structures take
+// (/proc/slabinfo: the TCP sock and its inode, active objects times object
+// size): the part of a socket's cost sockstat does not show. Machine-wide,
+// so other work on the box adds noise.
+func kernelSocketSlabs() int64 {
+	b, _ := os.ReadFile("/proc/slabinfo")
+	var total int64
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 4 && (f[0] == "TCP" || f[0] == "sock_inode_cache") {
+			objs, _ := strconv.ParseInt(f[1], 10, 64)
+			size, _ := strconv.ParseInt(f[3], 10, 64)
+			total += objs * size
+		}
+	}
+	return total
+}
+
+func waitSessions(ctx context.Context, ej *harness.Ejabberd, want int) error {
+	for i := 0; i < 120; i++ {
+		v, err := ej.Eval(ctx, "length(ejabberd_sm:dirty_get_sessions_list())")
+		if err == nil && strings.TrimSpace(v) == strconv.Itoa(want) {
+			return nil
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	return fmt.Errorf("sessions did not drop to %d", want)
+}
+
+func waitProcesses(ctx context.Context, ej *harness.Ejabberd, atMost int) error {
+	for i := 0; i < 120; i++ {
+		v, err := ej.Eval(ctx, "erlang:system_info(process_count)")
+		if n, perr := strconv.Atoi(strings.TrimSpace(v)); err == nil && perr == nil && n <= atMost {
+			return nil
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	return fmt.Errorf("processes did not drop to %d", atMost)
+}
