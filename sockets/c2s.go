@@ -158,7 +158,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	}
 	defer stream.Close()
 	raw.SetSession(stream.Describe())
-	parser.SetMaxStanzaBytes(stream.MaxStanzaBytes())
+	parser.SetMaxStanzaBytes(stanzaLimit(raw.Limits().MaxStanzaBytes, stream.MaxStanzaBytes()))
 	_ = raw.SetDeadline(time.Time{}) // c2s keeps its own timers from here
 	if err := stream.Send([]etf.Term{header}); err != nil {
 		return
@@ -241,6 +241,18 @@ func (c *c2sConn) Write(ev etf.Term) {
 	}
 	learnJID(c.raw, ev)
 	c.out.push(b)
+}
+
+// stanzaLimit is the tighter of the sidecar's own limit (the operator's,
+// megaphone:limits/1) and ejabberd's max_stanza_size; 0 means none.
+func stanzaLimit(ours, ejabberds int64) int64 {
+	switch {
+	case ours <= 0:
+		return ejabberds
+	case ejabberds <= 0:
+		return ours
+	}
+	return min(ours, ejabberds)
 }
 
 // learnJID records the JID ejabberd binds on a stream, for the operator's

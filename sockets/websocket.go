@@ -106,7 +106,7 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	defer stream.Close()
 	conn.SetSession(stream.Describe())
-	if n := stream.MaxStanzaBytes(); n > 0 {
+	if n := stanzaLimit(conn.Limits().MaxStanzaBytes, stream.MaxStanzaBytes()); n > 0 {
 		limits.MaxStanzaBytes = n
 		ws.SetReadLimit(n + 1024)
 	}
