@@ -30,6 +30,9 @@ type AttachmentState struct {
 	LastError string
 	InFlight  int
 	Attempts  uint64
+	// Messages sent to and received from the node, over every link this
+	// attachment has had (for metrics: a rate of these is events/s).
+	Sent, Received uint64
 }
 
 // Attachment keeps the sidecar attached to the shim on one ejabberd node:
@@ -55,6 +58,8 @@ type Attachment struct {
 	// attachWait is how long a request waits for a detached attachment to
 	// come back (a link being re-established) before it fails.
 	attachWait time.Duration
+	// messages over links already closed, so the totals survive re-attaching
+	sentBefore, receivedBefore uint64
 }
 
 type session struct {
@@ -120,10 +125,15 @@ func (a *Attachment) State() AttachmentState {
 		LastError: a.lastErr,
 		InFlight:  len(a.pending),
 		Attempts:  a.attempts.Load(),
+		Sent:      a.sentBefore,
+		Received:  a.receivedBefore,
 	}
 	if a.cur != nil {
 		s.Version = a.cur.version
 		s.Session = a.cur.shim.String()
+		sent, received := a.cur.link.Stats()
+		s.Sent += sent
+		s.Received += received
 	}
 	return s
 }
@@ -319,6 +329,9 @@ func (a *Attachment) setDetached(reason string) {
 	wasAttached := a.cur != nil
 	repeated := reason == a.lastErr
 	if wasAttached {
+		sent, received := a.cur.link.Stats()
+		a.sentBefore += sent
+		a.receivedBefore += received
 		a.cur = nil
 		a.ready = make(chan struct{})
 		a.since = time.Now()
