@@ -186,7 +186,7 @@ func (s *Sidecar) serveStreams(serveErr chan<- error) error {
 		if l.addr == "" {
 			continue
 		}
-		lis, err := sockets.Listen(l.addr, s.registry, s.log)
+		lis, err := sockets.ListenStreams(l.addr, s.registry, s.log)
 		if err != nil {
 			return fmt.Errorf("XMPP listener: %w", err)
 		}

@@ -53,7 +53,7 @@ func FuzzC2SNegotiation(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		conn, _ := NewRegistry(Limits{MaxStanzaBytes: 4096}).admit(server)
+		conn, _ := NewRegistry(Limits{MaxStanzaBytes: 4096}).admit(server, true)
 		cfg := C2SConfig{HandshakeTimeout: 3 * time.Second, Logger: zap.NewNop()}
 		if !plain {
 			cfg.TLS = certs

@@ -22,15 +22,29 @@ type Listener struct {
 	net.Listener
 	registry *Registry
 	log      *zap.Logger
+	// streams says each connection is a new XMPP stream (not HTTP), to be
+	// refused while the sidecar drains.
+	streams bool
 }
 
-// Listen opens a TCP listener on addr whose connections join registry.
+// Listen opens a TCP listener on addr for HTTP (BOSH, WebSocket) whose
+// connections join registry.
 func Listen(addr string, registry *Registry, log *zap.Logger) (*Listener, error) {
+	return listen(addr, registry, log, false)
+}
+
+// ListenStreams opens a TCP listener on addr for XMPP streams: while the
+// registry drains, it refuses new connections.
+func ListenStreams(addr string, registry *Registry, log *zap.Logger) (*Listener, error) {
+	return listen(addr, registry, log, true)
+}
+
+func listen(addr string, registry *Registry, log *zap.Logger, streams bool) (*Listener, error) {
 	inner, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
-	return &Listener{Listener: inner, registry: registry, log: log}, nil
+	return &Listener{Listener: inner, registry: registry, log: log, streams: streams}, nil
 }
 
 // Accept waits for the next connection that fits the limits.
@@ -40,7 +54,7 @@ func (l *Listener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		c, reason := l.registry.admit(raw)
+		c, reason := l.registry.admit(raw, l.streams)
 		if c == nil {
 			l.log.Debug("connection refused", zap.Stringer("peer", raw.RemoteAddr()), zap.String("reason", reason))
 			_ = raw.Close()

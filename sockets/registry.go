@@ -60,15 +60,19 @@ func (r *Registry) Limits() Limits { return *r.limits.Load() }
 // SetLimits replaces the limits; connections already open stay.
 func (r *Registry) SetLimits(l Limits) { r.limits.Store(&l) }
 
-// SetDraining makes the registry refuse (true) or take again (false) new
-// connections; open ones are not touched.
+// SetDraining makes the stream listeners refuse (true) or take again
+// (false) new connections, and the WebSocket handler new streams; open
+// ones are not touched. HTTP connections are still taken: a BOSH client
+// may open a fresh one for any request of its session, so for BOSH
+// draining means no new sessions, which the BOSH front refuses itself.
 func (r *Registry) SetDraining(on bool) { r.draining.Store(on) }
 
 // Draining reports whether new connections are refused.
 func (r *Registry) Draining() bool { return r.draining.Load() }
 
 // admit registers a freshly accepted socket, or says why it may not stay.
-func (r *Registry) admit(raw net.Conn) (*Conn, string) {
+// A connection for a new stream (not HTTP) is refused while draining.
+func (r *Registry) admit(raw net.Conn, newStream bool) (*Conn, string) {
 	peer := addrPort(raw.RemoteAddr())
 	ip := peer.Addr()
 	lim := r.Limits()
@@ -76,7 +80,7 @@ func (r *Registry) admit(raw net.Conn) (*Conn, string) {
 	defer r.mu.Unlock()
 	reason := ""
 	switch {
-	case r.draining.Load():
+	case newStream && r.draining.Load():
 		reason = RefusedDraining
 	case lim.MaxConns > 0 && len(r.conns) >= lim.MaxConns:
 		reason = RefusedMaxConns

@@ -61,6 +61,10 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		_, _ = w.Write([]byte("XMPP over WebSocket (RFC 7395) lives here; connect with a WebSocket client, subprotocol xmpp.\n"))
 		return
 	}
+	if conn.registry.Draining() {
+		http.Error(w, "this server is draining: connect to another one", http.StatusServiceUnavailable)
+		return
+	}
 	if !hasXMPPSubprotocol(r) {
 		http.Error(w, "the xmpp WebSocket subprotocol is required (RFC 7395)", http.StatusBadRequest)
 		return
