@@ -124,6 +124,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	case directTLS:
 		tc := tls.Server(raw, cfg.TLS)
 		if err := tc.Handshake(); err != nil {
+			raw.registry.countHandshakeFailure("tls")
 			c.log.Debug("TLS handshake failed", zap.Error(err))
 			return
 		}
@@ -218,6 +219,7 @@ func (c *c2sConn) startTLS() (*tls.Conn, error) {
 	}
 	tc := tls.Server(c.raw, c.cfg.TLS)
 	if err := tc.Handshake(); err != nil {
+		c.raw.registry.countHandshakeFailure("starttls")
 		return nil, err
 	}
 	c.mu.Lock()
@@ -330,6 +332,7 @@ func conditionOf(err error) string {
 }
 
 func (c *c2sConn) streamErrorCondition(cond string) {
+	c.raw.registry.countStreamError(cond)
 	c.mu.Lock()
 	header := !c.headerSent
 	c.headerSent = true

@@ -45,11 +45,15 @@ type Registry struct {
 	refused  map[string]uint64
 	// bytes of connections already closed, so totals survive them
 	closedIn, closedOut uint64
+	// stream errors sent to clients by condition, failed TLS handshakes by
+	// kind ("tls" direct, "starttls"): for metrics
+	streamErrors, handshakeFailures map[string]uint64
 }
 
 // NewRegistry returns an empty registry with the given limits.
 func NewRegistry(limits Limits) *Registry {
-	r := &Registry{conns: make(map[uint64]*Conn), perIP: make(map[netip.Addr]int), refused: make(map[string]uint64)}
+	r := &Registry{conns: make(map[uint64]*Conn), perIP: make(map[netip.Addr]int), refused: make(map[string]uint64),
+		streamErrors: make(map[string]uint64), handshakeFailures: make(map[string]uint64)}
 	r.SetLimits(limits)
 	return r
 }
@@ -118,6 +122,28 @@ type RegistryStats struct {
 	Refused           map[string]uint64 // by reason
 	BytesIn, BytesOut uint64            // over the whole run
 	Draining          bool
+	StreamErrors      map[string]uint64 // stream errors sent to clients, by condition
+	HandshakeFailures map[string]uint64 // failed TLS handshakes: "tls" (direct), "starttls"
+}
+
+func (r *Registry) countStreamError(cond string) {
+	r.mu.Lock()
+	r.streamErrors[cond]++
+	r.mu.Unlock()
+}
+
+func (r *Registry) countHandshakeFailure(kind string) {
+	r.mu.Lock()
+	r.handshakeFailures[kind]++
+	r.mu.Unlock()
+}
+
+func copyCounts(m map[string]uint64) map[string]uint64 {
+	out := make(map[string]uint64, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
 }
 
 // Stats returns the registry's counts. It walks the open connections, so
@@ -126,11 +152,9 @@ func (r *Registry) Stats() RegistryStats {
 	live := r.snapshot()
 	r.mu.Lock()
 	s := RegistryStats{Open: len(live), OpenByTransport: make(map[string]int), Accepted: r.accepted,
-		Refused: make(map[string]uint64, len(r.refused)), BytesIn: r.closedIn, BytesOut: r.closedOut,
-		Draining: r.draining.Load()}
-	for k, v := range r.refused {
-		s.Refused[k] = v
-	}
+		Refused: copyCounts(r.refused), BytesIn: r.closedIn, BytesOut: r.closedOut,
+		Draining: r.draining.Load(), StreamErrors: copyCounts(r.streamErrors),
+		HandshakeFailures: copyCounts(r.handshakeFailures)}
 	r.mu.Unlock()
 	for _, c := range live {
 		c.mu.Lock()

@@ -212,6 +212,7 @@ func (c *wsConn) closeConn() {
 }
 
 func (c *wsConn) streamError(cond string) {
+	c.conn.registry.countStreamError(cond)
 	b, _ := xmlstream.AppendElement(nil, etf.Tuple{etf.Atom("xmlel"), []byte("stream:error"),
 		etf.List{etf.Tuple{[]byte("xmlns:stream"), []byte("http://etherx.jabber.org/streams")}},
 		etf.List{etf.Tuple{etf.Atom("xmlel"), []byte(cond), etf.List{etf.Tuple{[]byte("xmlns"), []byte(nsStreams)}}, etf.List{}}}})
