@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -321,8 +322,12 @@ func (c *c2sConn) streamError(err error) {
 var errBinaryMessage = errors.New("binary WebSocket message")
 
 // conditionOf names the stream error (RFC 6120 §4.9.3) for a parse
-// failure, or "" for a failure that is no fault of the XML.
+// failure or a client that stalled while the stream opened (the handshake
+// deadline), or "" for a failure that is no fault of the client's.
 func conditionOf(err error) string {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return "connection-timeout"
+	}
 	for _, cond := range []error{xmlstream.ErrNotWellFormed, xmlstream.ErrRestrictedXML, xmlstream.ErrPolicyViolation} {
 		if errors.Is(err, cond) {
 			return cond.Error()

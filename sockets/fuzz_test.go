@@ -37,7 +37,7 @@ func FuzzC2SNegotiation(f *testing.F) {
 		f.Add([]byte(seed), false)
 		f.Add([]byte(seed), true)
 	}
-	certs := fuzzCertificates(f)
+	certs := throwawayTLS(f)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		f.Fatal(err)
@@ -98,9 +98,9 @@ func FuzzC2SNegotiation(f *testing.F) {
 	})
 }
 
-// fuzzCertificates is a TLS configuration with a throwaway self-signed
+// throwawayTLS is a TLS configuration with a self-signed
 // certificate.
-func fuzzCertificates(tb testing.TB) *tls.Config {
+func throwawayTLS(tb testing.TB) *tls.Config {
 	cert, key, err := harness.SelfSignedCert(tb.TempDir())
 	if err != nil {
 		tb.Fatal(err)

@@ -2,7 +2,9 @@ package sockets
 
 import (
 	"context"
+	"errors"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -158,8 +160,11 @@ func (c *wsConn) readEvent(limits xmlstream.Limits) (etf.Term, error) {
 		time.Sleep(pause) // reading waits, as ejabberd's shaper makes it
 	}
 	if err != nil {
-		if websocket.IsCloseError(err, websocket.CloseMessageTooBig) || err == websocket.ErrReadLimit {
+		switch {
+		case websocket.IsCloseError(err, websocket.CloseMessageTooBig) || err == websocket.ErrReadLimit:
 			c.streamError("policy-violation")
+		case errors.Is(err, os.ErrDeadlineExceeded): // no <open/> in time
+			c.streamError("connection-timeout")
 		}
 		return nil, err
 	}
