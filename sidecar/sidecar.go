@@ -40,6 +40,9 @@ type Config struct {
 	MaxWait          time.Duration // the longest a BOSH request waits for ejabberd
 	ShutdownGrace    time.Duration // how long a drain on shutdown waits for streams
 
+	AdminAddr string           // metrics, health and log level over HTTP ("": off)
+	LogLevel  *zap.AtomicLevel // the level /loglevel shows and sets (nil: not served)
+
 	Version string // the build, told to the shim in the hello
 	Logger  *zap.Logger
 }
@@ -111,6 +114,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	}
 	s.streams = &streamBackend{nodes: s.attached}
 	s.front = bosh.NewHandler(bosh.Config{MaxWait: s.cfg.MaxWait, Logger: s.log}, boshNodes...)
+	defer s.serveAdmin()()
 
 	serveErr := make(chan error, 3)
 	if err := s.serveStreams(serveErr); err != nil {
