@@ -3,8 +3,8 @@ package sockets
 import (
 	"context"
 	"errors"
+	"net"
 	"net/http"
-	"os"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -163,7 +163,7 @@ func (c *wsConn) readEvent(limits xmlstream.Limits) (etf.Term, error) {
 		switch {
 		case websocket.IsCloseError(err, websocket.CloseMessageTooBig) || err == websocket.ErrReadLimit:
 			c.streamError("policy-violation")
-		case errors.Is(err, os.ErrDeadlineExceeded): // no <open/> in time
+		case isTimeout(err): // no <open/> in time
 			c.streamError("connection-timeout")
 		}
 		return nil, err
@@ -225,4 +225,11 @@ func (c *wsConn) streamError(cond string) {
 	closeMsg, _, _ := xmlstream.AppendWebSocketMessage(nil, etf.Tuple{etf.Atom("xmlstreamend"), []byte("stream:stream")})
 	c.out.push(closeMsg)
 	c.out.close()
+}
+
+// isTimeout reports a read that hit its deadline. gorilla/websocket hides
+// the net package's error behind its own, so errors.Is cannot see it.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
