@@ -112,11 +112,11 @@ func parseCommand(t Term) (ControlCommand, error) {
 			}
 			return KickCommand{ConnID: id}, nil
 		case "drain":
-			on, ok := c[1].(Atom)
-			if !ok || (on != "true" && on != "false") {
+			on, ok := c[1].(bool)
+			if !ok {
 				return nil, bad
 			}
-			return DrainCommand{On: on == "true"}, nil
+			return DrainCommand{On: on}, nil
 		case "limits":
 			return parseLimits(c[1])
 		}
@@ -176,5 +176,5 @@ func knownLimit(name string) bool {
 // SidecarDraining tells the shim session the sidecar stopped (true) or
 // resumed (false) taking new connections: {sidecar_draining, Bool}.
 func SidecarDraining(on bool) Term {
-	return Tuple{Atom("sidecar_draining"), Atom(fmt.Sprint(on))}
+	return Tuple{Atom("sidecar_draining"), on}
 }

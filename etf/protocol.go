@@ -10,7 +10,7 @@ import (
 // Erlang term; docs/PROTOCOL.md is the reference and must match this file.
 const (
 	// ProtocolVersion is the newest protocol version this sidecar speaks.
-	ProtocolVersion = 1
+	ProtocolVersion = 2
 	// MinProtocolVersion is the oldest version this sidecar still speaks.
 	MinProtocolVersion = 1
 	// ListenerName is the name the shim registers on the ejabberd node; the

@@ -60,7 +60,7 @@ func (a *Attachment) NotifyDraining(on bool) {
 	a.mu.Lock()
 	s := a.cur
 	a.mu.Unlock()
-	if s != nil {
+	if s != nil && s.version >= 2 { // version 1 shims do not know the message
 		_ = s.link.Send(s.shim, etf.SidecarDraining(on))
 	}
 }

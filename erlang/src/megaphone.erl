@@ -214,9 +214,18 @@ ask_each(Sessions, Command) ->
 
 collect(Sessions, Command) ->
     Deadline = erlang:monotonic_time(millisecond) + ?TIMEOUT,
-    Asked = [{S, megaphone_sidecar:control(maps:get(sidecar, S), Command)} || S <- Sessions],
+    Asked = [{S, ask(S, Command)} || S <- Sessions],
     [{S, await(Ref, Deadline)} || {S, Ref} <- Asked].
 
+%% Commands are protocol version 2; a sidecar that speaks only version 1
+%% is never sent one.
+ask(#{protocol := Version}, _Command) when Version < 2 ->
+    {error, {protocol_version, Version}};
+ask(#{sidecar := Sidecar}, Command) ->
+    megaphone_sidecar:control(Sidecar, Command).
+
+await({error, _} = Error, _Deadline) ->
+    Error;
 await(Ref, Deadline) ->
     Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
     receive

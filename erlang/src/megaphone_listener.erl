@@ -11,7 +11,7 @@
 -export([start_link/0, supported_versions/0, choose_version/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
--define(VERSIONS, [1]).
+-define(VERSIONS, [1, 2]).
 
 -record(state, {sessions = #{} :: #{pid() => pid()}}). % sidecar => session
 

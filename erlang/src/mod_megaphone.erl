@@ -12,7 +12,9 @@
 %% per virtual host; the shim is one application for the whole node, so
 %% the first host starts it and the last one to go stops it.
 -module(mod_megaphone).
--behaviour(gen_mod).
+%% The callbacks of ejabberd's gen_mod behaviour. The -behaviour attribute
+%% is left out on purpose: the shim is built without ejabberd on the code
+%% path, where the compiler cannot find gen_mod and would refuse it.
 
 -export([start/2, stop/1, reload/3, depends/2, mod_opt_type/1, mod_options/1, mod_doc/0]).
 

@@ -16,6 +16,7 @@ shim_test_() ->
       fun sidecar_death_ends_everything/0,
       fun crash_becomes_500/0,
       fun status_reports_sessions/0,
+      fun commands_reach_the_sidecar/0,
       fun random_messages_change_nothing/0]}.
 
 setup() ->
@@ -67,7 +68,7 @@ hello_and_request() ->
 
 refuses_unknown_version() ->
     megaphone_listener ! {megaphone_hello, self(), 99, #{min_version => 50}},
-    receive {megaphone_refused, Reason, [1]} -> ?assert(is_binary(Reason))
+    receive {megaphone_refused, Reason, [1, 2]} -> ?assert(is_binary(Reason))
     after 2000 -> error(no_refusal)
     end.
 
@@ -132,13 +133,60 @@ crash_becomes_500() ->
 
 status_reports_sessions() ->
     _ = hello(self()),
-    #{running := true, sidecars := [S], protocol_versions := [1]} = megaphone:status(),
+    #{running := true, sidecars := [S], protocol_versions := [1, 2]} = megaphone:status(),
     ?assertEqual(self(), maps:get(sidecar, S)).
+
+%% A version 2 sidecar stand-in that answers commands as the real one does.
+fake_sidecar(Parent) ->
+    megaphone_listener ! {megaphone_hello, self(), 2, #{min_version => 1, name => <<"fake">>}},
+    receive {megaphone_welcome, _, 2, _} -> Parent ! ready after 2000 -> exit(no_welcome) end,
+    fake_sidecar_loop().
+
+fake_sidecar_loop() ->
+    receive
+        {megaphone_control, From, Ref, {connections, Filter}} ->
+            Row = #{id => 7, transport => tls, peer => {{127, 0, 0, 1}, 5}, jid => undefined,
+                    session => <<>>, age_s => 3, bytes_in => 1, bytes_out => 2, sidecar => <<"fake">>},
+            From ! {megaphone_reply, Ref, [Row#{filter => Filter}]},
+            fake_sidecar_loop();
+        {megaphone_control, From, Ref, {kick, 7}} ->
+            From ! {megaphone_reply, Ref, ok},
+            fake_sidecar_loop();
+        {megaphone_control, From, Ref, {info, 7}} ->
+            From ! {megaphone_reply, Ref, {ok, #{id => 7, sidecar => <<"fake">>}}},
+            fake_sidecar_loop();
+        {megaphone_control, From, Ref, Command} ->
+            From ! {megaphone_reply, Ref, {echo, Command}},
+            fake_sidecar_loop();
+        stop ->
+            ok
+    end.
+
+commands_reach_the_sidecar() ->
+    Self = self(),
+    Fake = spawn_link(fun() -> fake_sidecar(Self) end),
+    receive ready -> ok after 3000 -> error(no_fake_sidecar) end,
+    %% The filter goes out with binaries for values; bad ones never leave.
+    [#{id := 7, filter := Wire}] = megaphone:connections(#{transport => tls, peer => "127.0.0.1",
+                                                          jid => "a@b", limit => 5}),
+    ?assertEqual(#{transport => <<"tls">>, peer => <<"127.0.0.1">>, jid => <<"a@b">>, limit => 5}, Wire),
+    ?assertEqual({error, {bad_filter, {transport, pigeon}}}, megaphone:connections(#{transport => pigeon})),
+    ?assertEqual({error, {bad_filter, {peer, "not an ip"}}}, megaphone:connections(#{peer => "not an ip"})),
+    ?assertMatch({ok, #{id := 7}}, megaphone:info(7)),
+    ?assertEqual({ok, 1}, megaphone:kick(7)),
+    ?assertEqual({error, {bad_limits, #{max_connz => 1}}}, megaphone:limits(#{max_connz => 1})),
+    ?assertEqual([#{sidecar => <<"fake">>, limits => {echo, {limits, #{max_conns => 10}}}}],
+                 megaphone:limits(#{max_conns => 10})),
+    %% The stand-in's status is no map, so the drain report cannot count.
+    ?assertEqual([#{sidecar => <<"fake">>, open => unknown}], megaphone:drain()),
+    %% Late answers never reach the caller's mailbox.
+    ?assertEqual({messages, []}, erlang:process_info(self(), messages)),
+    Fake ! stop.
 
 version_choice_test() ->
     ?assertEqual({ok, 1}, megaphone_listener:choose_version(1, 1)),
-    ?assertEqual({ok, 1}, megaphone_listener:choose_version(1, 5)),
-    ?assertEqual(error, megaphone_listener:choose_version(2, 5)).
+    ?assertEqual({ok, 2}, megaphone_listener:choose_version(1, 5)),
+    ?assertEqual(error, megaphone_listener:choose_version(3, 5)).
 
 %% Generated input: thousands of random terms, shaped like the protocol's
 %% messages and not, sent to the listener and to a session. Neither dies,

@@ -78,6 +78,11 @@ type Options struct {
 	// stream-managed session waits for its client to resume after the
 	// connection drops; 0 keeps ejabberd's default (300 s).
 	ResumeTimeout time.Duration
+	// CodePaths are added to the node's code path at boot (-pa), as an
+	// operator adds the shim's ebin with ERL_OPTIONS in
+	// /etc/default/ejabberd so that mod_megaphone can start with ejabberd.
+	// Paths as the node sees them.
+	CodePaths []string
 }
 
 // Ejabberd is a running (or stopped) private ejabberd node.
@@ -318,6 +323,9 @@ func (e *Ejabberd) startOnce(ctx context.Context, opts Options) error {
 		"+K", "true", "+P", "250000",
 	}
 	args = append(args, loopbackDist...)
+	for _, p := range opts.CodePaths {
+		args = append(args, "-pa", p)
+	}
 	args = append(args,
 		"-mnesia", "dir", strconv.Quote(np(filepath.Join(e.Dir, "spool"))),
 		"-s", "ejabberd",
