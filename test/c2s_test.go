@@ -1,7 +1,6 @@
 package test
 
 import (
-	"context"
 	"crypto/tls"
 	"encoding/base64"
 	"fmt"
@@ -251,23 +250,14 @@ func rawLogin(t *testing.T, addr, user string) net.Conn {
 // memory stays bounded and other clients chat on.
 func TestXMPPClientThatNeverReads(t *testing.T) {
 	ej := startEjabberd(t, harness.Options{})
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if err := ej.Register(ctx, "carol", "localhost", demoPassword); err != nil {
-		t.Fatal(err)
-	}
+	registerCarol(t, ej)
 	sc := startStreamSidecar(t, ej)
 	bystanders := xmppChat(t, "xmpps://"+sc.c2sTLS, "--mode", "live", "--duration", "15", "--timeout", "90")
 	bystanders.waitReady(t)
 
 	carol := rawLogin(t, sc.c2sTLS, "carol")
 	defer carol.Close()
-	// 20 MB for carol, who reads none of it.
-	eval(t, ej, `Body = binary:copy(<<"x">>, 50000),
-	    M = xmpp:decode({xmlel, <<"message">>, [{<<"to">>, <<"carol@localhost">>},
-	        {<<"from">>, <<"bob@localhost/flood">>}, {<<"type">>, <<"chat">>}],
-	        [{xmlel, <<"body">>, [], [{xmlcdata, Body}]}]}, <<"jabber:client">>, []),
-	    [ejabberd_router:route(M) || _ <- lists:seq(1, 400)], ok`)
+	floodUser(t, ej, "carol@localhost") // who reads none of it
 	waitUntil(t, 30*time.Second, "the slow reader is disconnected", func() bool {
 		return strings.Contains(sc.logs(), "client reads too slowly")
 	})
