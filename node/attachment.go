@@ -60,6 +60,15 @@ type Attachment struct {
 	attachWait time.Duration
 	// messages over links already closed, so the totals survive re-attaching
 	sentBefore, receivedBefore uint64
+
+	// A takeover (handoff.go): the session paused for it, closed once the
+	// link has moved, messages for connections we do not carry, streams
+	// handed to us waiting for their sockets, and how Start begins.
+	paused     *session
+	handedOver chan struct{}
+	forward    atomic.Pointer[func(Delivery)]
+	adopted    map[uint64]*streamEntry
+	startRun   func()
 }
 
 type session struct {
@@ -72,7 +81,13 @@ type session struct {
 // Attach starts attaching to the shim on peer and keeps at it until ctx
 // ends. It returns at once; use Wait or Process to use the attachment.
 func (n *Node) Attach(ctx context.Context, peer string, build string) *Attachment {
-	a := &Attachment{
+	a := n.newAttachment(peer, build)
+	go a.run(ctx)
+	return a
+}
+
+func (n *Node) newAttachment(peer string, build string) *Attachment {
+	return &Attachment{
 		node:       n,
 		peer:       peer,
 		log:        n.log.With(zap.String("ejabberd", peer)),
@@ -82,6 +97,8 @@ func (n *Node) Attach(ctx context.Context, peer string, build string) *Attachmen
 		opens:      make(map[uint64]chan any),
 		streams:    make(map[uint64]*streamEntry),
 		byMonitor:  make(map[string]uint64),
+		handedOver: make(chan struct{}),
+		adopted:    make(map[uint64]*streamEntry),
 		helloWait:  5 * time.Second,
 		attachWait: 5 * time.Second,
 		info: etf.Hello{
@@ -92,8 +109,6 @@ func (n *Node) Attach(ctx context.Context, peer string, build string) *Attachmen
 			Build:      build,
 		},
 	}
-	go a.run(ctx)
-	return a
 }
 
 // Peer returns the ejabberd node this attachment serves.
@@ -209,8 +224,12 @@ func (a *Attachment) handle(welcome chan<- any) Handler {
 		}
 		switch m := msg.(type) {
 		case etf.Down:
-			if a.streamDown(m.Ref) || !a.isSessionMonitor(m.Ref) {
-				return // a c2s ended (or one we already forgot)
+			if a.streamDown(m.Ref) {
+				return // a c2s ended
+			}
+			if !a.isSessionMonitor(m.Ref) {
+				a.forwardUnknown(d) // a c2s of the old process, or one we already forgot
+				return
 			}
 			// The shim's session process ended (the shim was stopped or
 			// reloaded) while the node stays up. Dropping the link fails
@@ -220,11 +239,16 @@ func (a *Attachment) handle(welcome chan<- any) Handler {
 		case etf.ControlRequest:
 			a.startControl(l, m)
 		case etf.C2SStarted, etf.C2SRefused, etf.C2SOut, etf.C2SClose, etf.C2SShaper:
-			a.handleStreamMessage(m)
+			if !a.handleStreamMessage(m) {
+				a.forwardUnknown(d)
+			}
 		case etf.BOSHResponse:
 			a.mu.Lock()
 			ch := a.pending[m.ReqID]
 			a.mu.Unlock()
+			if ch == nil && a.forwardUnknown(d) {
+				return // the old process's request
+			}
 			if ch == nil {
 				// The request was cancelled or timed out; the client
 				// re-sends the rid and ejabberd replays the answer.
@@ -245,6 +269,9 @@ func (a *Attachment) run(ctx context.Context) {
 	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
 	for {
 		err := a.attachOnce(ctx, backoff)
+		if errors.Is(err, errHandedOver) {
+			return
+		}
 		if ctx.Err() != nil {
 			a.setDetached("stopped")
 			return
@@ -300,14 +327,29 @@ func (a *Attachment) attachOnce(ctx context.Context, backoff *backoff) error {
 	s := &session{link: link, shim: w.Session, version: w.Version, monitor: ref}
 	a.setAttached(s, w)
 	backoff.reset()
+	return a.serve(ctx, s)
+}
+
+// serve waits until the session's link drops or ctx ends, and ends the
+// session's streams. After a takeover the link relays through the new
+// process, and the attachment ends with it instead of re-attaching.
+func (a *Attachment) serve(ctx context.Context, s *session) error {
 	select {
-	case <-link.Done():
+	case <-s.link.Done():
 		a.dropStreams(s, "ejabberd link down")
-		return fmt.Errorf("link down: %w", link.Err())
+		return fmt.Errorf("link down: %w", s.link.Err())
 	case <-ctx.Done():
-		a.dropStreams(s, "sidecar stopping")
-		return ctx.Err()
+		select {
+		case <-a.handedOver:
+		default:
+			a.dropStreams(s, "sidecar stopping")
+			return ctx.Err()
+		}
+	case <-a.handedOver:
 	}
+	<-s.link.Done()
+	a.dropStreams(s, "the new sidecar process went away")
+	return errHandedOver
 }
 
 func (a *Attachment) setAttached(s *session, w etf.Welcome) {

@@ -85,6 +85,14 @@ type Link struct {
 
 	sent, received atomic.Uint64
 	unlinkIDs      atomic.Uint64
+
+	// A takeover (handoff.go) parks the reader at a frame boundary and,
+	// once the socket has moved, sends every frame through relay.
+	pausing atomic.Bool
+	parked  chan struct{}
+	unread  []byte
+	relay   func(frame []byte) error
+	silence time.Duration
 }
 
 type monitorEntry struct {
@@ -170,6 +178,12 @@ func (l *Link) writeFrame(frame []byte) error {
 	}
 	l.writeMu.Lock()
 	defer l.writeMu.Unlock()
+	if l.relay != nil {
+		if len(frame) == 4 {
+			return nil // a tick: the process that owns the socket ticks
+		}
+		return l.relay(frame)
+	}
 	// A peer that stops reading (a paused or wedged node) must not hold
 	// our writers forever: past the deadline the link is declared dead.
 	_ = l.conn.SetWriteDeadline(time.Now().Add(l.writeTimeout))
@@ -205,7 +219,10 @@ func (l *Link) readLoop(silence time.Duration) {
 	var head [4]byte
 	for {
 		_ = l.conn.SetReadDeadline(time.Now().Add(silence))
-		if _, err := io.ReadFull(l.reader, head[:]); err != nil {
+		if got, err := io.ReadFull(l.reader, head[:]); err != nil {
+			if l.parkReader(head[:got]) {
+				return
+			}
 			l.closeWith(fmt.Errorf("read: %w", err))
 			return
 		}
@@ -218,7 +235,10 @@ func (l *Link) readLoop(silence time.Duration) {
 			return
 		}
 		frame := make([]byte, n)
-		if _, err := io.ReadFull(l.reader, frame); err != nil {
+		if got, err := io.ReadFull(l.reader, frame); err != nil {
+			if l.parkReader(append(head[:], frame[:got]...)) {
+				return
+			}
 			l.closeWith(fmt.Errorf("read: %w", err))
 			return
 		}

@@ -140,10 +140,10 @@ func (n *Node) Dial(ctx context.Context, peer string, handler Handler) (*Link, e
 		monitors:     make(map[string]monitorEntry),
 		links:        make(map[etf.Pid]struct{}),
 		done:         make(chan struct{}),
+		parked:       make(chan struct{}),
 	}
 	l.lastWrite.Store(time.Now().UnixNano())
-	go l.readLoop(4*n.cfg.TickInterval + 5*time.Second)
-	go l.tickLoop(n.cfg.TickInterval)
+	l.start()
 	return l, nil
 }
 

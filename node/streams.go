@@ -32,9 +32,12 @@ type Stream struct {
 }
 
 type streamEntry struct {
-	sink    StreamSink
-	session *session
-	monitor string // the monitor on the c2s process, by reference
+	sink      StreamSink
+	session   *session
+	monitor   string // the monitor on the c2s process, by reference
+	c2s       etf.Pid
+	ref       etf.Ref
+	maxStanza int64
 }
 
 // ErrStreamRefused means the shim could not start c2s for the stream.
@@ -83,7 +86,8 @@ func (a *Attachment) OpenStream(ctx context.Context, open etf.C2SOpen, sink Stre
 		return nil, fmt.Errorf("%w: %v", ErrLinkLost, err)
 	}
 	a.mu.Lock()
-	a.streams[open.ConnID] = &streamEntry{sink: sink, session: s, monitor: ref.String()}
+	a.streams[open.ConnID] = &streamEntry{sink: sink, session: s, monitor: ref.String(),
+		c2s: started.C2S, ref: ref, maxStanza: started.MaxStanzaBytes}
 	a.byMonitor[ref.String()] = open.ConnID
 	a.mu.Unlock()
 	return st, nil
@@ -133,13 +137,14 @@ func (a *Attachment) sink(connID uint64) StreamSink {
 }
 
 // answerOpen hands the shim's answer to a c2s_open to its waiting caller.
-func (a *Attachment) answerOpen(connID uint64, answer any) {
+func (a *Attachment) answerOpen(connID uint64, answer any) bool {
 	a.mu.Lock()
 	ch := a.opens[connID]
 	a.mu.Unlock()
 	if ch != nil {
 		ch <- answer // buffered: one answer per open
 	}
+	return ch != nil
 }
 
 // Streams returns how many client streams this attachment carries.
@@ -149,31 +154,37 @@ func (a *Attachment) Streams() int {
 	return len(a.streams)
 }
 
-// handleStreamMessage routes a c2s message to its stream. It runs on the
+// handleStreamMessage routes a c2s message to its stream; it reports
+// false if no stream (or open) of ours has the connection. It runs on the
 // link's reader goroutine.
-func (a *Attachment) handleStreamMessage(msg any) {
+func (a *Attachment) handleStreamMessage(msg any) bool {
 	switch m := msg.(type) {
 	case etf.C2SStarted:
-		a.answerOpen(m.ConnID, m)
+		return a.answerOpen(m.ConnID, m)
 	case etf.C2SRefused:
-		a.answerOpen(m.ConnID, m)
+		return a.answerOpen(m.ConnID, m)
 	case etf.C2SOut:
 		if sink := a.sink(m.ConnID); sink != nil {
 			sink.Write(m.Event)
+			return true
 		}
 	case etf.C2SClose:
-		a.closeStream(m.ConnID, "closed by ejabberd")
+		return a.closeStream(m.ConnID, "closed by ejabberd")
 	case etf.C2SShaper:
 		if sink := a.sink(m.ConnID); sink != nil {
 			sink.Shape(m.BytesPerSec)
+			return true
 		}
 	}
+	return false
 }
 
-func (a *Attachment) closeStream(connID uint64, reason string) {
-	if e := a.takeStream(connID); e != nil {
+func (a *Attachment) closeStream(connID uint64, reason string) bool {
+	e := a.takeStream(connID)
+	if e != nil {
 		e.sink.Close(reason)
 	}
+	return e != nil
 }
 
 // streamDown handles the 'DOWN' of a c2s monitor; it reports whether the

@@ -105,6 +105,9 @@ type c2sConn struct {
 	mu         sync.Mutex // guards conn and headerSent
 	headerSent bool
 	shaper     shaper
+
+	tap     *tap // what the parser read, from the last stanza boundary on
+	handoff streamHandoff
 }
 
 func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS bool) {
@@ -143,7 +146,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 		raw.SetTransport(transport)
 	}
 
-	parser := xmlstream.NewParser(c.conn, xmlstream.Limits{MaxStanzaBytes: raw.registry.Limits().MaxStanzaBytes})
+	parser := xmlstream.NewParser(c.tapped(transport), xmlstream.Limits{MaxStanzaBytes: raw.registry.Limits().MaxStanzaBytes})
 	header, err := parser.Next()
 	if err != nil {
 		c.streamError(err)
@@ -165,19 +168,45 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	if err := stream.Send([]etf.Term{header}); err != nil {
 		return
 	}
-	for offset := parser.Offset(); ; {
+	c.readStanzas(stream, parser)
+}
+
+// readStanzas hands the client's stanzas to c2s until the stream ends, or
+// it moves to a new sidecar process (handoff.go).
+func (c *c2sConn) readStanzas(stream Stream, parser *xmlstream.Parser) {
+	for parser != nil {
+		err := c.pumpStanzas(stream, parser)
+		switch {
+		case err == nil:
+			return
+		case c.handoff.requested.Load():
+			parser = c.park() // nil once the stream has moved
+		case !errors.Is(err, io.EOF) && !c.out.isClosing():
+			c.streamError(err)
+			return
+		default:
+			return
+		}
+	}
+}
+
+// pumpStanzas returns the read error that stopped it, or nil once it has
+// ended the stream itself.
+func (c *c2sConn) pumpStanzas(stream Stream, parser *xmlstream.Parser) error {
+	c.handoff.opened(stream)
+	offset := parser.Offset()
+	c.tap.consumed(offset) // the stream header went to c2s already
+	for {
 		ev, err := parser.Next()
 		if err != nil {
-			if !errors.Is(err, io.EOF) && !c.out.isClosing() {
-				c.streamError(err)
-			}
-			return
+			return err
 		}
 		if err := stream.Send([]etf.Term{ev}); err != nil {
 			c.streamErrorCondition("remote-connection-failed")
-			return
+			return nil
 		}
 		read := parser.Offset()
+		c.tap.consumed(read) // a stanza boundary: a takeover resumes from here
 		if pause := c.shaper.delay(int(read - offset)); pause > 0 {
 			time.Sleep(pause) // reading waits, as ejabberd's shaper makes it
 		}

@@ -84,6 +84,7 @@ type Conn struct {
 	boshSID   string
 	session   string            // ejabberd's side: the c2s pid or the BOSH sid
 	end       func(cond string) // ends an XMPP stream with a stream error
+	mover     streamMover       // pauses the stream for a takeover (handoff.go)
 }
 
 // Read counts what the client sent.

@@ -15,7 +15,10 @@ type outbox struct {
 	pending  [][]byte
 	size     int
 	closing  bool
-	wake     chan struct{}
+	// detaching stops the writer without closing the connection: it moves
+	// to a new sidecar process (handoff.go).
+	detaching bool
+	wake      chan struct{}
 	finished chan struct{}
 }
 
@@ -77,19 +80,27 @@ func (o *outbox) signal() {
 // when the outbox is closed and flushed or a write fails.
 func (o *outbox) run(write func([]byte) error, finish func()) {
 	defer close(o.finished)
-	defer finish()
 	for {
 		<-o.wake
 		o.mu.Lock()
+		if o.detaching {
+			o.mu.Unlock()
+			return
+		}
 		out, closing := o.pending, o.closing
 		o.pending, o.size = nil, 0
 		o.mu.Unlock()
-		for _, m := range out {
+		for i, m := range out {
+			if o.requeueIfDetaching(out[i:]) {
+				return
+			}
 			if err := write(m); err != nil {
+				finish()
 				return
 			}
 		}
 		if closing {
+			finish()
 			return
 		}
 	}

@@ -1,0 +1,392 @@
+package sockets
+
+// Hot upgrade: plain XMPP streams move to a new sidecar process with their
+// socket (SCM_RIGHTS, done by the caller) and the little state a stream
+// has between two stanzas. The reader stops at a stanza boundary: the
+// bytes it had read past the last whole stanza travel with the socket, and
+// the new process parses them first. The writer stops after the message it
+// is writing; what it had not written travels too. TLS streams do not
+// move (Go cannot export a live TLS session); they stay in the old process
+// until they end (see docs/ARCHITECTURE.md, "Hot upgrade").
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/megaphone-im/megaphone/xmlstream"
+	"go.uber.org/zap"
+)
+
+// StreamState is one client stream in flight between two processes
+// (serialised with msgpack by the caller).
+type StreamState struct {
+	ConnID    uint64
+	Transport string
+	Peer      string
+	Opened    time.Time
+	BytesIn   uint64
+	BytesOut  uint64
+	JID       string
+	Session   string
+	// Unread is what the client sent after its last whole stanza.
+	Unread []byte
+	// Unwritten is what ejabberd wrote that the client has not been sent.
+	Unwritten  [][]byte
+	HeaderSent bool
+	ShaperRate int64
+	MaxStanza  int64
+}
+
+// streamMover is a stream that can stop for a takeover.
+type streamMover interface {
+	pauseForHandoff(deadline time.Time) (*MovingStream, error)
+}
+
+// streamHandoff is a stream's side of a takeover.
+type streamHandoff struct {
+	running   atomic.Bool  // the reader feeds c2s (the stream is open)
+	maxStanza atomic.Int64 // ejabberd's stanza limit for the stream
+	requested atomic.Bool
+	parked    chan struct{} // closed by the reader once it stopped
+	decision  chan bool     // true: the stream moved; false: read on here
+}
+
+// MovingStream is a stream paused for a takeover: its reader waits at a
+// stanza boundary until Moved or Resume.
+type MovingStream struct {
+	c      *c2sConn
+	State  StreamState
+	stream Stream
+}
+
+// FD returns the socket's descriptor, to be sent with SCM_RIGHTS. It stays
+// valid until Moved or Resume.
+func (m *MovingStream) FD() (int, error) { return connFD(m.c.raw.Conn) }
+
+// Moved ends the stream here: the new process has its socket. Nothing is
+// said to the client or to c2s; our copy of the descriptor is closed.
+func (m *MovingStream) Moved() { m.c.handoff.decision <- true }
+
+// Resume lets the stream carry on here (the takeover failed).
+func (m *MovingStream) Resume() {
+	if len(m.State.Unwritten) > 0 || m.c.out.isDetached() {
+		m.c.out.reattach(m.State.Unwritten, m.c.write, m.c.closeConn)
+	}
+	m.c.handoff.decision <- false
+}
+
+// StopWriting stops the stream's writer after the message it is writing
+// and collects what is left; call it once nothing more is queued (the
+// link to ejabberd is paused). It fails if the writer is stuck on a
+// client that does not read.
+func (m *MovingStream) StopWriting(limit time.Duration) error {
+	pending, ok := m.c.out.detach(limit)
+	if !ok {
+		return errors.New("the client is not reading")
+	}
+	m.State.Unwritten = pending
+	c := m.c
+	c.mu.Lock()
+	m.State.HeaderSent = c.headerSent
+	c.mu.Unlock()
+	info := c.raw.Info()
+	m.State.BytesIn, m.State.BytesOut, m.State.JID, m.State.Session = info.BytesIn, info.BytesOut, info.JID, info.Session
+	return nil
+}
+
+// PauseStreams stops the reader of every stream that can move, at a
+// stanza boundary, within limit. Streams still opening, closing, or on TLS
+// stay where they are.
+func (r *Registry) PauseStreams(limit time.Duration) []*MovingStream {
+	deadline := time.Now().Add(limit)
+	var out []*MovingStream
+	for _, c := range r.snapshot() {
+		c.mu.Lock()
+		mover := c.mover
+		c.mu.Unlock()
+		if mover == nil {
+			continue
+		}
+		if m, err := mover.pauseForHandoff(deadline); err == nil {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// LastID returns the last connection ID handed out.
+func (r *Registry) LastID() uint64 { return r.lastID.Load() }
+
+// ContinueIDs makes the registry hand out IDs after last: the process it
+// took over from used those, and ejabberd may still know them.
+func (r *Registry) ContinueIDs(last uint64) {
+	for {
+		cur := r.lastID.Load()
+		if cur >= last || r.lastID.CompareAndSwap(cur, last) {
+			return
+		}
+	}
+}
+
+// adopt registers a connection that another process accepted.
+func (r *Registry) adopt(raw net.Conn, st StreamState) *Conn {
+	peer, _ := netip.ParseAddrPort(st.Peer)
+	c := &Conn{Conn: raw, ID: st.ConnID, Peer: peer, Opened: st.Opened, registry: r,
+		transport: st.Transport, jid: st.JID, session: st.Session}
+	c.bytesIn.Store(st.BytesIn)
+	c.bytesOut.Store(st.BytesOut)
+	r.mu.Lock()
+	r.conns[c.ID] = c
+	r.perIP[peer.Addr()]++
+	r.accepted++
+	r.mu.Unlock()
+	return c
+}
+
+// AdoptListener serves connections on a listening socket another process
+// handed over; streams is as for ListenStreams.
+func AdoptListener(inner net.Listener, registry *Registry, log *zap.Logger, streams bool) *Listener {
+	return &Listener{Listener: inner, registry: registry, log: log, streams: streams}
+}
+
+// ListenerFD returns a duplicate of the listener's socket, to hand over;
+// the caller closes it once sent.
+func ListenerFD(l net.Listener) (*os.File, error) {
+	if sl, ok := l.(*Listener); ok {
+		l = sl.Listener
+	}
+	tl, ok := l.(*net.TCPListener)
+	if !ok {
+		return nil, errors.New("not a TCP listener")
+	}
+	return tl.File()
+}
+
+// StreamAdopter gives a moved stream back its c2s: the attachment that
+// carried the stream's link hands it over.
+type StreamAdopter interface {
+	AdoptStream(connID uint64, sink StreamSink) (Stream, bool)
+}
+
+// AdoptC2S carries on a plain XMPP stream another process paused, on raw
+// (its socket). It returns once the stream runs.
+func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st StreamState, raw net.Conn) error {
+	if cfg.MaxPendingWrite <= 0 {
+		cfg.MaxPendingWrite = 1 << 20
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	conn := registry.adopt(raw, st)
+	c := &c2sConn{conn: conn, raw: conn, cfg: cfg, log: cfg.Logger.With(zap.Uint64("conn", conn.ID)), headerSent: st.HeaderSent}
+	stream, ok := adopter.AdoptStream(st.ConnID, c)
+	if !ok {
+		_ = conn.Close()
+		return errors.New("no c2s was handed over for the stream")
+	}
+	conn.OnEnd(c.streamErrorCondition)
+	c.shaper.setRate(st.ShaperRate)
+	c.out = newOutbox(cfg.MaxPendingWrite, func() {
+		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", cfg.MaxPendingWrite))
+		_ = conn.Close()
+	})
+	for _, b := range st.Unwritten {
+		c.out.push(b)
+	}
+	parser := c.resumeParser(st.Unread, st.MaxStanza)
+	go func() {
+		defer conn.Close()
+		go c.out.run(c.write, c.closeConn)
+		defer c.out.shutdown()
+		defer stream.Close()
+		c.readStanzas(stream, parser)
+	}()
+	return nil
+}
+
+// tapped returns what the stream's parser reads from: for a plain TCP
+// stream, a tap that keeps the bytes past the last stanza boundary, which
+// is what lets the stream move.
+func (c *c2sConn) tapped(transport string) io.Reader {
+	if transport != "tcp" {
+		return c.conn
+	}
+	c.tap = &tap{r: c.conn}
+	c.raw.mu.Lock()
+	c.raw.mover = c
+	c.raw.mu.Unlock()
+	return c.tap
+}
+
+// resumeHeader puts a fresh parser inside a stream (it refuses stanzas
+// before a stream header); the event it gives is not sent on.
+const resumeHeader = "<stream:stream>"
+
+// resumeParser parses unread, then the socket, as the continuation of a
+// stream that is already open.
+func (c *c2sConn) resumeParser(unread []byte, maxStanza int64) *xmlstream.Parser {
+	c.tap = &tap{r: io.MultiReader(strings.NewReader(resumeHeader), bytes.NewReader(unread), c.raw)}
+	c.raw.mu.Lock()
+	c.raw.mover = c
+	c.raw.mu.Unlock()
+	p := xmlstream.NewParser(c.tap, xmlstream.Limits{MaxStanzaBytes: maxStanza})
+	// The header is the tap's first read on its own (MultiReader reads
+	// one part at a time), so this returns without touching the socket.
+	_, _ = p.Next()
+	c.tap.consumed(p.Offset())
+	return p
+}
+
+func (c *c2sConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
+	h := &c.handoff
+	if !h.running.Load() || c.out.isClosing() {
+		return nil, errors.New("stream not open")
+	}
+	h.parked = make(chan struct{})
+	h.decision = make(chan bool, 1)
+	h.requested.Store(true)
+	for {
+		_ = c.raw.SetReadDeadline(time.Now().Add(-time.Second))
+		select {
+		case <-h.parked:
+			c.mu.Lock()
+			st := StreamState{ConnID: c.raw.ID, Transport: "tcp", Peer: c.raw.Peer.String(), Opened: c.raw.Opened,
+				Unread: c.tap.unconsumed(), ShaperRate: c.shaper.rate.Load(), MaxStanza: h.maxStanza.Load()}
+			c.mu.Unlock()
+			return &MovingStream{c: c, State: st}, nil
+		case <-time.After(10 * time.Millisecond):
+			if time.Now().After(deadline) {
+				// The reader is busy (a slow Send, a shaper pause): it
+				// stays. It may still park later; let it read on then.
+				h.decision <- false
+				return nil, errors.New("the stream's reader did not stop in time")
+			}
+		}
+	}
+}
+
+// park runs on the reader once it stopped for a takeover; it returns the
+// parser to read on with, or nil if the stream moved.
+func (c *c2sConn) park() *xmlstream.Parser {
+	h := &c.handoff
+	close(h.parked)
+	moved := <-h.decision
+	h.requested.Store(false)
+	if moved {
+		return nil
+	}
+	_ = c.raw.SetReadDeadline(time.Time{})
+	return c.resumeParser(c.tap.unconsumed(), h.maxStanza.Load())
+}
+
+// tap keeps what the parser read from the last stanza boundary on.
+type tap struct {
+	r    io.Reader
+	base int64 // the parser's offset of buf[0]
+	buf  []byte
+}
+
+func (t *tap) Read(b []byte) (int, error) {
+	n, err := t.r.Read(b)
+	t.buf = append(t.buf, b[:n]...)
+	return n, err
+}
+
+// consumed drops what the parser has used up to offset (a boundary).
+func (t *tap) consumed(offset int64) {
+	if t == nil {
+		return
+	}
+	drop := int(offset - t.base)
+	if drop <= 0 {
+		return
+	}
+	t.buf = append(t.buf[:0], t.buf[drop:]...)
+	t.base = offset
+}
+
+func (t *tap) unconsumed() []byte { return bytes.Clone(t.buf) }
+
+// connFD returns a connection's descriptor without duplicating it.
+func connFD(c net.Conn) (int, error) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return -1, errors.New("connection has no descriptor")
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	if err := raw.Control(func(f uintptr) { fd = int(f) }); err != nil {
+		return -1, err
+	}
+	return fd, nil
+}
+
+// opened marks the stream as open (its reader feeds c2s), so it may move.
+func (h *streamHandoff) opened(stream Stream) {
+	h.maxStanza.Store(stream.MaxStanzaBytes())
+	h.running.Store(true)
+}
+
+// detach stops the writer after the message it is writing, without
+// closing the connection, and returns what it has not written. It gives
+// up after limit (a client that does not read holds the writer in a
+// write); the writer then carries on.
+func (o *outbox) detach(limit time.Duration) ([][]byte, bool) {
+	o.mu.Lock()
+	o.detaching = true
+	o.mu.Unlock()
+	o.signal()
+	select {
+	case <-o.finished:
+	case <-time.After(limit):
+		o.mu.Lock()
+		o.detaching = false
+		o.mu.Unlock()
+		return nil, false
+	}
+	return o.drain(), true
+}
+
+func (o *outbox) isDetached() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.detaching
+}
+
+// requeueIfDetaching puts rest back at the head of the queue if the writer
+// is to stop, and reports whether it is.
+func (o *outbox) requeueIfDetaching(rest [][]byte) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if !o.detaching {
+		return false
+	}
+	o.pending = append(append([][]byte(nil), rest...), o.pending...)
+	for _, m := range rest {
+		o.size += len(m)
+	}
+	return true
+}
+
+// reattach restarts a detached writer with pending at the head of the
+// queue (a takeover that failed).
+func (o *outbox) reattach(pending [][]byte, write func([]byte) error, finish func()) {
+	o.mu.Lock()
+	o.pending = append(append([][]byte(nil), pending...), o.pending...)
+	o.detaching = false
+	o.finished = make(chan struct{})
+	o.mu.Unlock()
+	go o.run(write, finish)
+	o.signal()
+}
