@@ -1,0 +1,133 @@
+package test
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/megaphone-im/megaphone/test/harness"
+)
+
+// ejabberd frozen (SIGSTOP) for longer than the link's tick silence (65 s:
+// four 15 s ticks and a margin), then thawed: the sidecar declares the
+// link dead, answers the BOSH long-poll it was holding with a
+// remote-connection-failed terminate, closes the XMPP stream whose c2s it
+// can no longer reach, survives, re-attaches once ejabberd runs again,
+// and new logins work; neither side keeps anything of the old streams.
+func TestEjabberdPausedPastTickTime(t *testing.T) {
+	if testing.Short() {
+		t.Skip("pauses ejabberd for over a minute")
+	}
+	// BOSH sessions end soon after their last request, so that the end
+	// can check nothing is left.
+	ej := startEjabberd(t, harness.Options{BOSHInactivity: 5 * time.Second})
+	base := evalInt(t, ej, leftoverExpr)
+	sc := startStreamSidecar(t, ej)
+	fds := sc.openFiles(t)
+
+	const ns = "http://jabber.org/protocol/httpbind"
+	client := &http.Client{Timeout: 2 * time.Minute}
+	post := func(body string) (int, string) {
+		t.Helper()
+		resp, err := client.Post(sc.url(), "text/xml; charset=utf-8", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	newSession := func() string {
+		t.Helper()
+		code, body := post("<body xmlns='" + ns + "' rid='100' to='localhost' wait='60' hold='1' ver='1.6' xmpp:version='1.0' xmlns:xmpp='urn:xmpp:xbosh'/>")
+		sid := regexp.MustCompile(`sid='([0-9a-f]+)'`).FindStringSubmatch(body)
+		if code != 200 || sid == nil {
+			t.Fatalf("session creation: %d %q", code, body)
+		}
+		return sid[1]
+	}
+	sid := newSession()
+	stream := rawLogin(t, sc.c2sTLS, "alice")
+	defer stream.Close()
+
+	if err := syscall.Kill(ej.Pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	thawed := false
+	thaw := func() {
+		if !thawed {
+			thawed = true
+			_ = syscall.Kill(ej.Pid, syscall.SIGCONT)
+		}
+	}
+	defer thaw()
+
+	// A long-poll ejabberd can no longer answer, and a stream it can no
+	// longer serve: both must end once the link is declared dead.
+	type answer struct {
+		code int
+		body string
+		took time.Duration
+	}
+	polled := make(chan answer, 1)
+	go func() {
+		start := time.Now()
+		resp, err := client.Post(sc.url(), "text/xml; charset=utf-8",
+			strings.NewReader(fmt.Sprintf("<body xmlns='%s' sid='%s' rid='101'/>", ns, sid)))
+		if err != nil {
+			polled <- answer{body: err.Error(), took: time.Since(start)}
+			return
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		polled <- answer{resp.StatusCode, string(b), time.Since(start)}
+	}()
+	streamEnded := make(chan time.Duration, 1)
+	go func() {
+		start := time.Now()
+		_ = stream.SetReadDeadline(time.Now().Add(100 * time.Second))
+		_, _ = io.Copy(io.Discard, stream)
+		streamEnded <- time.Since(start)
+	}()
+
+	var a answer
+	select {
+	case a = <-polled:
+	case <-time.After(100 * time.Second):
+		t.Fatal("the BOSH long-poll got no answer 100 s into the pause")
+	}
+	t.Logf("held poll answered after %s: %d %q", a.took.Round(time.Second), a.code, a.body)
+	if a.code != 200 || !strings.Contains(a.body, "remote-connection-failed") {
+		t.Errorf("held poll: %d %q, want a remote-connection-failed terminate", a.code, a.body)
+	}
+	select {
+	case took := <-streamEnded:
+		t.Logf("XMPP stream closed after %s", took.Round(time.Second))
+	case <-time.After(20 * time.Second):
+		t.Error("the XMPP stream is still open after the link was declared dead")
+	}
+	thaw()
+
+	select {
+	case <-sc.exited:
+		t.Fatalf("the sidecar exited:\n%s", tail(sc.logs(), 40))
+	default:
+	}
+	waitUntil(t, 60*time.Second, "the sidecar re-attaches after the pause", func() bool {
+		return strings.Count(sc.logs(), "attached to the shim") >= 2
+	})
+	// New logins work, on both transports.
+	newSession()
+	rawLogin(t, sc.c2sTLS, "bob").Close()
+	waitUntil(t, 40*time.Second, "ejabberd keeps no session, c2s or request process", func() bool {
+		return evalInt(t, ej, "length(maps:get(sidecars, megaphone:status()))") == 1 &&
+			evalInt(t, ej, leftoverExpr) == base
+	})
+	client.CloseIdleConnections() // the sidecar holds their other ends
+	waitUntil(t, 20*time.Second, "the sidecar's sockets back to baseline", func() bool { return sc.openFiles(t) <= fds })
+}
