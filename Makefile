@@ -14,7 +14,7 @@ REBAR3  ?= rebar3
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 SHIM_EBIN := $(CURDIR)/_build/default/lib/megaphone/ebin
 
-.PHONY: all deps deps-trixie build sidecar shim test unit-test go-unit eunit integration run fuzz fuzz-short vet clean
+.PHONY: all deps deps-trixie build sidecar shim test unit-test go-unit eunit integration run fuzz fuzz-short vet clean bench bench-tsung
 
 all: build
 
@@ -60,13 +60,29 @@ run: deps build
 	$(GO) build -o bin/megaphone-dev ./cmd/megaphone-dev
 	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) bin/megaphone-dev
 
-# Benchmarks: idle-session cost, native c2s vs Megaphone, on one node, one
-# run. BENCH_N sessions per side; the report goes to stdout and bench.out.md.
-BENCH_N ?= 2000
+# Benchmarks: Megaphone vs ejabberd's own listeners, per transport (TCP,
+# direct TLS, WebSocket, BOSH), on one node in one run: idle-session memory
+# at each of BENCH_N (comma-separated, each at most 19000: the open-files
+# limit), 1:1 chat throughput and latency with BENCH_PAIRS pairs. The report
+# goes to stdout and bench.out.md, the plots to bench/*.png. About 6 minutes
+# at the defaults; e.g. BENCH_N=1000,5000,19000 for the heavier run.
+BENCH_N     ?= 1000,5000
+BENCH_PAIRS ?= 200
+BENCH_FLAGS ?=
 bench: deps build
+	bash scripts/bench-deps.sh
 	$(GO) build -o bin/megaphone-bench ./cmd/megaphone-bench
 	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
-		bin/megaphone-bench -n $(BENCH_N) -out bench.out.md
+		bin/megaphone-bench -n $(BENCH_N) -pairs $(BENCH_PAIRS) -out bench.out.md -plots bench $(BENCH_FLAGS)
+
+# The idle measurement driven by Tsung 1.7 (bench/tsung/*.xml) against both
+# paths on fixed loopback ports (15222/15280 native, 25222/25280 Megaphone).
+# About 5 minutes; the report goes to bench-tsung.out.md.
+bench-tsung: deps build
+	bash scripts/bench-deps.sh
+	$(GO) build -o bin/megaphone-bench ./cmd/megaphone-bench
+	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
+		bin/megaphone-bench -tsung -tsung-dir bench/tsung -out bench-tsung.out.md
 
 # Fuzzing of every decoder that faces the network or the node, as
 # package:FuzzName. `make fuzz` runs each for FUZZTIME; `make test` runs

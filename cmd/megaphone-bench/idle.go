@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -11,8 +12,8 @@ import (
 	"github.com/megaphone-im/megaphone/cmd/megaphone-bench/loadgen"
 )
 
-// idleWait lets two sweeps of the shim see every c2s idle.
-const idleWait = 3*sweepMs*time.Millisecond + time.Second
+// minIdle lets two sweeps of the shim see every c2s idle.
+const minIdle = 3*sweepMs*time.Millisecond + time.Second
 
 // idleResult is one path's idle-session cost at one N, per session.
 type idleResult struct {
@@ -42,8 +43,11 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.T
 	if err != nil {
 		return idleResult{}, err
 	}
-	time.Sleep(idleWait)
+	time.Sleep(c.idle)
 	loaded, err := measure(ctx, nd.ej, pid)
+	if err == nil {
+		err = checkSessions(ctx, nd, n)
+	}
 	closeAll(sessions)
 	if err != nil {
 		return idleResult{}, err
@@ -63,6 +67,18 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.T
 		ports:     float64(loaded.ports-base.ports) / float64(n),
 	}
 	return r, settle(ctx, nd)
+}
+
+// checkSessions makes sure every session measured was still logged in.
+func checkSessions(ctx context.Context, nd *node, n int) error {
+	v, err := nd.ej.Eval(ctx, "length(ejabberd_sm:dirty_get_sessions_list())")
+	if err != nil {
+		return err
+	}
+	if strings.TrimSpace(v) != strconv.Itoa(n) {
+		return fmt.Errorf("%s of %d sessions still logged in after the idle wait", strings.TrimSpace(v), n)
+	}
+	return nil
 }
 
 // settle waits until the node is back to no session and its baseline

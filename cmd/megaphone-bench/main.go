@@ -46,6 +46,7 @@ type config struct {
 	pairs       int
 	chatFor     time.Duration
 	pacedRate   float64 // messages per second per pair in the paced phase
+	idle        time.Duration
 	dialer      *loadgen.Dialer
 	cert, key   string
 	out, plots  string
@@ -63,6 +64,7 @@ func main() {
 	flag.IntVar(&c.pairs, "pairs", 200, "chatting pairs (0: no chat)")
 	flag.DurationVar(&c.chatFor, "chat-for", 5*time.Second, "length of each chat phase")
 	flag.Float64Var(&c.pacedRate, "paced-rate", 5, "messages per second per pair in the paced chat phase")
+	flag.DurationVar(&c.idle, "idle", minIdle, "how long sessions idle before they are measured (at least the default: two sweeps)")
 	flag.StringVar(&c.out, "out", "", "also write the Markdown report to this file")
 	flag.StringVar(&c.plots, "plots", "", "write PNG plots (and their data) into this directory")
 	tsung := flag.Bool("tsung", false, "serve both paths on fixed ports and run the Tsung scenarios instead")
@@ -72,6 +74,7 @@ func main() {
 
 	c.bin, c.ebin = os.Getenv("MEGAPHONE_BIN"), os.Getenv("MEGAPHONE_SHIM_EBIN")
 	c.dialer = loadgen.NewDialer(*sources)
+	c.idle = max(c.idle, minIdle)
 	var err error
 	if c.ns, err = parseInts(*ns); err == nil {
 		c.kinds, err = parseKinds(*kinds)

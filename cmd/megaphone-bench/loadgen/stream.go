@@ -38,7 +38,7 @@ func (f *rawFramer) read() (string, error) {
 }
 
 func (f *rawFramer) setDeadline(t time.Time) { _ = f.conn.SetDeadline(t) }
-func (f *rawFramer) close() error           { return f.conn.Close() }
+func (f *rawFramer) close() error            { return f.conn.Close() }
 func (f *rawFramer) header(domain string) string {
 	return "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='" +
 		domain + "' version='1.0'>"
@@ -66,7 +66,9 @@ func dialWebSocket(ctx context.Context, d *Dialer, t Target) (*wsFramer, error) 
 	return &wsFramer{conn: c}, nil
 }
 
-func (f *wsFramer) write(text string) error { return f.conn.WriteMessage(websocket.TextMessage, []byte(text)) }
+func (f *wsFramer) write(text string) error {
+	return f.conn.WriteMessage(websocket.TextMessage, []byte(text))
+}
 
 func (f *wsFramer) read() (string, error) {
 	_, b, err := f.conn.ReadMessage()
