@@ -316,15 +316,22 @@ func (l *Link) dispatch(frame []byte) error {
 		if len(ctl) < 3 {
 			return nil
 		}
-		l.dropLink(ctl[1])
+		// EXIT is {3, From, To, Reason}, EXIT_TT {13, From, To, Token,
+		// Reason}; the PAYLOAD_ forms carry the reason as the payload.
 		reason := payload
-		if op == opExit || op == opExitTT {
+		switch {
+		case op == opExit && len(ctl) == 4:
 			reason = ctl[3]
+		case op == opExitTT && len(ctl) == 5:
+			reason = ctl[4]
+		case op == opExit || op == opExitTT:
+			return fmt.Errorf("EXIT control message of %d elements", len(ctl))
 		}
+		l.dropLink(ctl[1])
 		if to, ok := ctl[2].(etf.Pid); ok && to == l.node.self {
 			l.handler(l, Delivery{To: to, Msg: etf.Tuple{etf.Atom("EXIT"), ctl[1], reason}})
 		}
-	case op == opExit2, op == opExit2TT, op == opPayloadExit2, op == opPayloadExit2TT:
+	case (op == opExit2 || op == opExit2TT || op == opPayloadExit2 || op == opPayloadExit2TT) && len(ctl) >= 2:
 		// exit/2 aimed at the sidecar: noted, never fatal to the link or
 		// to the client connections it carries.
 		l.log.Info("exit signal from peer ignored", zap.Any("from", ctl[1]))
