@@ -90,7 +90,7 @@ bench-tsung: deps build
 # package's testdata/fuzz/, where it stays as a regression seed.
 FUZZ_TARGETS := etf:FuzzDecode etf:FuzzShimMessage bosh:FuzzCheckBody bosh:FuzzHandler \
 	xmlstream:FuzzParser xmlstream:FuzzWebSocketFraming xmlstream:FuzzWriterHostileTerms \
-	sockets:FuzzC2SNegotiation
+	sockets:FuzzC2SNegotiation node:FuzzLinkDispatch
 FUZZTIME ?= 2m
 FUZZTIME_SHORT ?= 5s
 fuzz:
