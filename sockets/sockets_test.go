@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/megaphone-im/megaphone/etf"
-	"github.com/megaphone-im/megaphone/test/harness"
 	"github.com/megaphone-im/megaphone/xmlstream"
 	"go.uber.org/zap"
 )
@@ -110,21 +109,13 @@ const header = `<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx
 // STARTTLS is answered by the sidecar itself; the stream after TLS reaches
 // the backend as transport tls, and stanzas come back in order.
 func TestStartTLSThenStream(t *testing.T) {
-	cert, key, err := harness.SelfSignedCert(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	certs, err := LoadCertificates(cert, key)
-	if err != nil {
-		t.Fatal(err)
-	}
 	lis, err := Listen("127.0.0.1:0", NewRegistry(Limits{}), zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer lis.Close()
 	backend := &echoBackend{}
-	go ServeC2S(lis, C2SConfig{TLS: certs.TLSConfig(), HandshakeTimeout: 5 * time.Second}, backend, false)
+	go ServeC2S(lis, C2SConfig{TLS: throwawayTLS(t), HandshakeTimeout: 5 * time.Second}, backend, false)
 
 	raw, err := net.Dial("tcp", lis.Addr().String())
 	if err != nil {
