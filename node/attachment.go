@@ -269,7 +269,7 @@ func (a *Attachment) run(ctx context.Context) {
 	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
 	for {
 		err := a.attachOnce(ctx, backoff)
-		if errors.Is(err, errHandedOver) {
+		if errors.Is(err, errHandedOver) || a.isHandedOver() {
 			return
 		}
 		if ctx.Err() != nil {
@@ -281,6 +281,8 @@ func (a *Attachment) run(ctx context.Context) {
 		case <-ctx.Done():
 			a.setDetached("stopped")
 			return
+		case <-a.handedOver:
+			return // the new process attaches for itself
 		case <-time.After(backoff.next()):
 		}
 	}

@@ -307,7 +307,33 @@ func (a *Attachment) WriteRelayedFrame(frame []byte) error {
 // not ask for, a 'DOWN' of a monitor it did not set) to forward: they
 // belong to the old process's connections. forward must not block for
 // long: it runs on the link's reader.
-func (a *Attachment) ForwardUnknown(forward func(Delivery)) { a.forward.Store(&forward) }
+func (a *Attachment) ForwardUnknown(forward func(Delivery)) {
+	if forward == nil {
+		a.forward.Store(nil)
+		return
+	}
+	a.forward.Store(&forward)
+}
+
+// PausedConn returns the socket of the link Pause stopped (nil if the
+// attachment was not attached), to be handed over.
+func (a *Attachment) PausedConn() net.Conn {
+	if a.paused == nil {
+		return nil
+	}
+	return a.paused.link.conn
+}
+
+// LinkDone returns a channel closed when the current link goes down (nil
+// while detached).
+func (a *Attachment) LinkDone() <-chan struct{} {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cur == nil {
+		return nil
+	}
+	return a.cur.link.Done()
+}
 
 func (a *Attachment) forwardUnknown(d Delivery) bool {
 	if f := a.forward.Load(); f != nil {
@@ -371,4 +397,13 @@ func (a *Attachment) AdoptStream(connID uint64, sink StreamSink) (*Stream, bool)
 	a.streams[connID] = e
 	a.byMonitor[e.monitor] = connID
 	return &Stream{a: a, s: e.session, connID: connID, c2s: e.c2s, maxStanza: e.maxStanza}, true
+}
+
+func (a *Attachment) isHandedOver() bool {
+	select {
+	case <-a.handedOver:
+		return true
+	default:
+		return false
+	}
 }

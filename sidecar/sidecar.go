@@ -40,6 +40,13 @@ type Config struct {
 	MaxWait          time.Duration // the longest a BOSH request waits for ejabberd
 	ShutdownGrace    time.Duration // how long a drain on shutdown waits for streams
 
+	// Hot upgrade (upgrade.go): where this sidecar offers its sockets to a
+	// new one, where a new one takes them from, and how long the old one
+	// keeps what could not move.
+	HandoffSocket string
+	Takeover      string
+	HandoffLinger time.Duration
+
 	AdminAddr string           // metrics, health and log level over HTTP ("": off)
 	LogLevel  *zap.AtomicLevel // the level /loglevel shows and sets (nil: not served)
 
@@ -62,6 +69,7 @@ type Sidecar struct {
 	mu        sync.Mutex
 	listeners []net.Listener
 	httpSrv   *http.Server
+	upgrade   upgradeState
 }
 
 // New checks the configuration and creates the sidecar's node; nothing
@@ -82,9 +90,12 @@ func New(cfg Config) (*Sidecar, error) {
 	if cfg.C2STLSAddr != "" && cfg.TLSCert == "" {
 		return nil, errors.New("direct TLS (--c2s-tls-addr) needs --tls-cert and --tls-key")
 	}
+	if cfg.HandoffLinger <= 0 {
+		cfg.HandoffLinger = time.Hour
+	}
 	s := &Sidecar{cfg: cfg, log: cfg.Logger, started: time.Now(), registry: sockets.NewRegistry(cfg.Limits)}
-	n, err := node.New(node.Config{Name: cfg.Name, Cookie: cfg.Cookie, EPMDPort: cfg.EPMDPort,
-		Controller: s, Logger: cfg.Logger})
+	s.upgrade.handedOver = make(chan struct{})
+	n, err := node.New(s.nodeConfig())
 	if err != nil {
 		return nil, err
 	}
@@ -97,6 +108,10 @@ func New(cfg Config) (*Sidecar, error) {
 	return s, nil
 }
 
+func (s *Sidecar) nodeConfig() node.Config {
+	return node.Config{Name: s.cfg.Name, Cookie: s.cfg.Cookie, EPMDPort: s.cfg.EPMDPort, Controller: s, Logger: s.cfg.Logger}
+}
+
 // Run attaches to ejabberd and serves clients until ctx ends, then drains:
 // see Shutdown.
 func (s *Sidecar) Run(ctx context.Context) error {
@@ -106,17 +121,29 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	defer stopAttach()
 	// One attachment per ejabberd node; the BOSH front and the stream
 	// backend spread new sessions over those attached.
+	// A takeover carries on the running sidecar's attachments instead.
+	if s.cfg.Takeover != "" {
+		if err := s.takeOver(attachCtx); err != nil {
+			return err
+		}
+	} else {
+		for _, peer := range s.cfg.Nodes {
+			s.attached = append(s.attached, s.node.Attach(attachCtx, peer, s.cfg.Version))
+		}
+	}
 	var boshNodes []bosh.Node
-	for _, peer := range s.cfg.Nodes {
-		a := s.node.Attach(attachCtx, peer, s.cfg.Version)
-		s.attached = append(s.attached, a)
+	for _, a := range s.attached {
 		boshNodes = append(boshNodes, a)
 	}
 	s.streams = &streamBackend{nodes: s.attached}
 	s.front = bosh.NewHandler(bosh.Config{MaxWait: s.cfg.MaxWait, Logger: s.log}, boshNodes...)
-	defer s.serveAdmin()()
+	s.startTakenOver()
+	stopAdmin := sync.OnceFunc(s.serveAdmin())
+	defer stopAdmin()
+	s.upgrade.stopAdmin = stopAdmin
 
-	serveErr := make(chan error, 3)
+	serveErr := make(chan error, 8)
+	s.upgrade.serveErr = serveErr
 	if err := s.serveStreams(serveErr); err != nil {
 		s.closeListeners()
 		return err
@@ -125,11 +152,18 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		s.closeListeners()
 		return err
 	}
+	if err := s.offerHandoff(ctx); err != nil {
+		s.closeListeners()
+		return err
+	}
 	select {
 	case err := <-serveErr:
 		s.closeListeners()
 		return err
 	case <-ctx.Done():
+	case <-s.upgrade.handedOver:
+		s.lingerAfterHandoff(ctx)
+		return nil
 	}
 	s.Shutdown(s.cfg.ShutdownGrace)
 	return nil
@@ -140,7 +174,7 @@ func (s *Sidecar) serveHTTP(serveErr chan<- error) error {
 	if s.cfg.BOSHAddr == "" {
 		return nil
 	}
-	lis, err := sockets.Listen(s.cfg.BOSHAddr, s.registry, s.log)
+	lis, err := s.listen(roleHTTP, s.cfg.BOSHAddr, false)
 	if err != nil {
 		return fmt.Errorf("BOSH listener: %w", err)
 	}
@@ -179,18 +213,15 @@ func (s *Sidecar) serveHTTP(serveErr chan<- error) error {
 
 // serveStreams starts the XMPP client listeners that are on.
 func (s *Sidecar) serveStreams(serveErr chan<- error) error {
-	cfg := sockets.C2SConfig{HandshakeTimeout: s.cfg.HandshakeTimeout, Logger: s.log.Named("c2s")}
-	if s.certs != nil {
-		cfg.TLS = s.certs.TLSConfig()
-	}
+	cfg := s.c2sConfig()
 	for _, l := range []struct {
-		addr   string
-		direct bool
-	}{{s.cfg.C2SAddr, false}, {s.cfg.C2STLSAddr, true}} {
+		role, addr string
+		direct     bool
+	}{{roleC2S, s.cfg.C2SAddr, false}, {roleC2STLS, s.cfg.C2STLSAddr, true}} {
 		if l.addr == "" {
 			continue
 		}
-		lis, err := sockets.ListenStreams(l.addr, s.registry, s.log)
+		lis, err := s.listen(l.role, l.addr, true)
 		if err != nil {
 			return fmt.Errorf("XMPP listener: %w", err)
 		}
@@ -206,6 +237,14 @@ func (s *Sidecar) serveStreams(serveErr chan<- error) error {
 			zap.Bool("direct_tls", l.direct), zap.Bool("starttls_required", !l.direct && cfg.TLS != nil))
 	}
 	return nil
+}
+
+func (s *Sidecar) c2sConfig() sockets.C2SConfig {
+	cfg := sockets.C2SConfig{HandshakeTimeout: s.cfg.HandshakeTimeout, Logger: s.log.Named("c2s")}
+	if s.certs != nil {
+		cfg.TLS = s.certs.TLSConfig()
+	}
+	return cfg
 }
 
 func (s *Sidecar) closeListeners() {

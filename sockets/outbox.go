@@ -11,15 +11,15 @@ type outbox struct {
 	limit    int
 	overflow func() // called once, when the limit is passed
 
-	mu       sync.Mutex
-	pending  [][]byte
-	size     int
-	closing  bool
+	mu      sync.Mutex
+	pending [][]byte
+	size    int
+	closing bool
 	// detaching stops the writer without closing the connection: it moves
 	// to a new sidecar process (handoff.go).
 	detaching bool
 	wake      chan struct{}
-	finished chan struct{}
+	finished  chan struct{}
 }
 
 func newOutbox(limit int, overflow func()) *outbox {

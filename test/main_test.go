@@ -268,7 +268,8 @@ func (s *sidecar) readLog(r io.Reader) {
 		s.mu.Lock()
 		s.log.WriteString(line + "\n")
 		s.mu.Unlock()
-		if strings.Contains(line, "attached to the shim") {
+		// A takeover (--takeover) carries on an attachment instead.
+		if strings.Contains(line, "attached to the shim") || strings.Contains(line, "took over: running") {
 			once.Do(func() { close(s.attached) })
 		}
 	}

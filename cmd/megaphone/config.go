@@ -49,6 +49,9 @@ type options struct {
 	logLevel      string
 	shutdownGrace time.Duration
 	adminAddr     string
+	handoffSocket string
+	takeover      string
+	handoffLinger time.Duration
 
 	// values holds every setting as its flag prints it, to tell what a
 	// reload changed.
@@ -89,6 +92,9 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error (SIGHUP applies it; also PUT /loglevel on --admin-addr)")
 	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 10*time.Second, "how long SIGTERM lets XMPP streams end on their own before ending them")
 	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:9280", "admin HTTP listen address: /metrics (Prometheus), /healthz, /loglevel (empty: off)")
+	fs.StringVar(&o.handoffSocket, "handoff-socket", "", "unix socket on which a new sidecar binary (--takeover) may take over this one's sockets and clients (empty: off)")
+	fs.StringVar(&o.takeover, "takeover", "", "take over the running sidecar listening on this handoff socket, instead of starting afresh (its node name and sockets are carried on)")
+	fs.DurationVar(&o.handoffLinger, "handoff-linger", time.Hour, "after a takeover, how long the old process keeps what could not move (TLS and WebSocket streams, held BOSH requests) before ending it")
 	return fs
 }
 

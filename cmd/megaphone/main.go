@@ -85,6 +85,7 @@ func run(ctx context.Context, o options, log *zap.Logger, level zap.AtomicLevel)
 		Limits:           o.limits(),
 		HandshakeTimeout: o.handshake, MaxWait: o.maxWait, ShutdownGrace: o.shutdownGrace,
 		AdminAddr: o.adminAddr, LogLevel: &level,
+		HandoffSocket: o.handoffSocket, Takeover: o.takeover, HandoffLinger: o.handoffLinger,
 		Version: version, Logger: log,
 	})
 	if err != nil {
