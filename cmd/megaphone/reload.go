@@ -69,13 +69,6 @@ func reload(cur, next options, sc *sidecar.Sidecar, level zap.AtomicLevel, log *
 		log.Info("setting changed", zap.String("setting", name), zap.String("from", was), zap.String("to", now))
 	}
 	applied := cur
-	if next.logLevel != cur.logLevel {
-		if err := level.UnmarshalText([]byte(next.logLevel)); err != nil {
-			log.Error("bad log level; keeping the running one", zap.String("log-level", next.logLevel), zap.Error(err))
-		} else {
-			applied.logLevel = next.logLevel
-		}
-	}
 	if next.limits() != cur.limits() {
 		l, was, now := sc.Limits(), cur.limits(), next.limits()
 		if now.MaxConns != was.MaxConns {
@@ -97,8 +90,17 @@ func reload(cur, next options, sc *sidecar.Sidecar, level zap.AtomicLevel, log *
 			applied.values[name] = next.values[name]
 		}
 	}
-	applied.values["log-level"] = applied.logLevel // a bad one was not applied
 	log.Info("config reloaded", zap.String("config", next.configFile),
 		zap.Strings("applied", changed), zap.Strings("needs_restart", needRestart))
+	// The level last, so that the lines above show at the level they were
+	// written under even when the new one is quieter.
+	if next.logLevel != cur.logLevel {
+		if err := level.UnmarshalText([]byte(next.logLevel)); err != nil {
+			log.Error("bad log level; keeping the running one", zap.String("log-level", next.logLevel), zap.Error(err))
+		} else {
+			applied.logLevel = next.logLevel
+		}
+	}
+	applied.values["log-level"] = applied.logLevel // a bad one was not applied
 	return applied
 }
