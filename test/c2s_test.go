@@ -235,14 +235,22 @@ func rawLogin(t *testing.T, addr, user string) net.Conn {
 		seen.Reset()
 	}
 	header := `<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>`
-	expect(header, "</stream:features>")
-	plain := base64.StdEncoding.EncodeToString([]byte("\x00" + user + "\x00" + demoPassword))
-	expect("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"+plain+"</auth>", "<success")
-	expect(header, "</stream:features>")
-	expect("<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>", "</iq>")
-	expect("<presence/>", "<presence")
+	loginSteps(user, header, expect)
 	_ = c.SetDeadline(time.Time{})
 	return c
+}
+
+// loginSteps logs user in (SASL PLAIN, bind, presence) through expect,
+// which sends one piece of XML and waits for an answer holding until;
+// open opens (and after SASL reopens) the stream.
+func loginSteps(user, open string, expect func(send, until string)) {
+	expect(open, "</stream:features>")
+	plain := base64.StdEncoding.EncodeToString([]byte("\x00" + user + "\x00" + demoPassword))
+	expect("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"+plain+"</auth>", "<success")
+	expect(open, "</stream:features>")
+	// Namespaced: a WebSocket message is a document of its own.
+	expect("<iq xmlns='jabber:client' type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>", "</iq>")
+	expect("<presence xmlns='jabber:client'/>", "<presence")
 }
 
 // A client that stops reading while ejabberd has much to send it is

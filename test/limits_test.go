@@ -2,7 +2,6 @@ package test
 
 import (
 	"context"
-	"encoding/base64"
 	"fmt"
 	"io"
 	"net"
@@ -218,13 +217,7 @@ func wsLogin(t *testing.T, url, user string) *websocket.Conn {
 			}
 		}
 	}
-	open := `<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>`
-	expect(open, "</stream:features>")
-	plain := base64.StdEncoding.EncodeToString([]byte("\x00" + user + "\x00" + demoPassword))
-	expect("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"+plain+"</auth>", "<success")
-	expect(open, "</stream:features>")
-	expect("<iq xmlns='jabber:client' type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>", "</iq>")
-	expect("<presence xmlns='jabber:client'/>", "<presence")
+	loginSteps(user, `<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>`, expect)
 	_ = ws.SetReadDeadline(time.Time{})
 	return ws
 }
