@@ -70,9 +70,11 @@ func openWebSocket(t *testing.T, url string) *websocket.Conn {
 	return ws
 }
 
-// boshSessionRequest is a BOSH session creation request as raw HTTP.
+// boshSessionRequest is a BOSH session creation request as raw HTTP. Its
+// wait is short: ejabberd (natively too) answers a session creation from
+// an address that already has sessions only when wait runs out.
 func boshSessionRequest(addr string) string {
-	body := `<body xmlns='http://jabber.org/protocol/httpbind' rid='1000' to='localhost' wait='10' hold='1' ver='1.6' xml:lang='en'/>`
+	body := `<body xmlns='http://jabber.org/protocol/httpbind' rid='1000' to='localhost' wait='2' hold='1' ver='1.6' xml:lang='en'/>`
 	return fmt.Sprintf("POST /bosh HTTP/1.1\r\nHost: %s\r\nContent-Type: text/xml\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
 		addr, len(body), body)
 }
@@ -238,9 +240,9 @@ func TestModMegaphone(t *testing.T) {
 	if got := reload("{}\n"); !strings.HasPrefix(got, "ok") {
 		t.Fatalf("reload: %s", got)
 	}
-	if got := eval(t, ej, `whereis(megaphone_listener)`); got != "undefined" {
-		t.Errorf("mod_megaphone removed, but the listener is %s", got)
-	}
+	waitUntil(t, 10*time.Second, "the shim stops once mod_megaphone is gone", func() bool {
+		return eval(t, ej, `whereis(megaphone_listener)`) == "undefined"
+	})
 	waitUntil(t, 20*time.Second, "the sidecar notices the shim is gone", func() bool {
 		return strings.Contains(sc.logs(), "detached from the shim")
 	})
@@ -272,8 +274,15 @@ func TestEjabberdRestartUnderBOSHLoad(t *testing.T) {
 	down := time.Now()
 	res := swarm.wait(t, 3*time.Minute)
 	t.Logf("after stopping ejabberd: %+v", res)
-	if res.Hung != 0 || res.Alive != 0 || res.Terminated["remote-connection-failed"] != users {
-		t.Errorf("want all %d sessions terminated with remote-connection-failed, none hung; got %+v", users, res)
+	// ejabberd stopping on purpose ends its c2s processes with a stream
+	// error (remote-stream-error for BOSH clients); whatever it had no time
+	// to answer gets remote-connection-failed from the sidecar.
+	terminated := 0
+	for _, n := range res.Terminated {
+		terminated += n
+	}
+	if res.Hung != 0 || res.Alive != 0 || terminated != users || res.OutOfOrder != 0 {
+		t.Errorf("want all %d sessions terminated, none hung; got %+v", users, res)
 	}
 	if got := rawHTTP(t, sc.addr, boshSessionRequest(sc.addr)); !strings.Contains(got, "remote-connection-failed") {
 		t.Errorf("a new session while ejabberd is down got %q", got)

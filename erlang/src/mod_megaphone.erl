@@ -27,8 +27,12 @@ start(_Host, Opts) ->
 stop(Host) ->
     case gen_mod:is_loaded_elsewhere(Host, ?MODULE) of
         true -> ok;
-        %% Stopping, not unloading: ejabberd still holds this module.
-        false -> _ = application:stop(megaphone), ok
+        %% Stopping, not unloading: ejabberd still holds this module. And
+        %% from a process of its own: when ejabberd itself is stopping,
+        %% this runs inside its application's stop, while the application
+        %% controller waits for that to finish; a call to it from here
+        %% would wait for ever.
+        false -> _ = spawn(fun() -> application:stop(megaphone) end), ok
     end.
 
 -spec reload(binary(), gen_mod:opts(), gen_mod:opts()) -> ok.
