@@ -18,7 +18,6 @@ import (
 	"os"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/megaphone-im/megaphone/xmlstream"
@@ -67,9 +66,9 @@ type MovingStream struct {
 	stream Stream
 }
 
-// FD returns the socket's descriptor, to be sent with SCM_RIGHTS. It stays
-// valid until Moved or Resume.
-func (m *MovingStream) FD() (int, error) { return connFD(m.c.raw.Conn) }
+// Socket returns the client's socket, to be sent with SCM_RIGHTS. It
+// stays open until Moved or Resume.
+func (m *MovingStream) Socket() net.Conn { return m.c.raw.Conn }
 
 // Moved ends the stream here: the new process has its socket. Nothing is
 // said to the client or to c2s; our copy of the descriptor is closed.
@@ -314,23 +313,6 @@ func (t *tap) consumed(offset int64) {
 }
 
 func (t *tap) unconsumed() []byte { return bytes.Clone(t.buf) }
-
-// connFD returns a connection's descriptor without duplicating it.
-func connFD(c net.Conn) (int, error) {
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return -1, errors.New("connection has no descriptor")
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd := -1
-	if err := raw.Control(func(f uintptr) { fd = int(f) }); err != nil {
-		return -1, err
-	}
-	return fd, nil
-}
 
 // opened marks the stream as open (its reader feeds c2s), so it may move.
 func (h *streamHandoff) opened(stream Stream) {
