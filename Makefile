@@ -43,7 +43,7 @@ vet:
 unit-test: vet go-unit eunit
 
 go-unit:
-	$(GO) test -race -count=1 ./etf/... ./node/... ./bosh/... ./sockets/... ./xmlstream/...
+	$(GO) test -race -count=1 ./etf/... ./node/... ./bosh/... ./sockets/... ./xmlstream/... ./metrics/... ./cmd/megaphone/...
 
 eunit:
 	$(REBAR3) eunit
