@@ -180,8 +180,7 @@ func (s *Sidecar) serveHTTP(serveErr chan<- error) error {
 	}
 	mux := http.NewServeMux()
 	if s.cfg.WSPath != "" {
-		mux.Handle(s.cfg.WSPath, sockets.NewWebSocketHandler(sockets.WebSocketConfig{
-			HandshakeTimeout: s.cfg.HandshakeTimeout, Logger: s.log.Named("ws")}, s.streams))
+		mux.Handle(s.cfg.WSPath, sockets.NewWebSocketHandler(s.wsConfig(), s.streams))
 	}
 	for _, p := range s.cfg.BOSHPaths {
 		if p = strings.TrimSpace(p); p != "" {
@@ -245,6 +244,10 @@ func (s *Sidecar) c2sConfig() sockets.C2SConfig {
 		cfg.TLS = s.certs.TLSConfig()
 	}
 	return cfg
+}
+
+func (s *Sidecar) wsConfig() sockets.WebSocketConfig {
+	return sockets.WebSocketConfig{HandshakeTimeout: s.cfg.HandshakeTimeout, Logger: s.log.Named("ws")}
 }
 
 func (s *Sidecar) closeListeners() {

@@ -7,7 +7,7 @@ package sidecar
 // the plain XMPP streams, with the state that goes with them (msgpack).
 // ejabberd sees the same node, the same pids and the same TCP connection
 // throughout: no 'DOWN', no noconnection, every c2s runs on. What cannot
-// move (TLS streams, WebSocket streams, BOSH requests being held) stays in
+// move (TLS streams, BOSH requests being held) stays in
 // the old process, whose link relays through the new one until they end.
 // docs/ARCHITECTURE.md, "Hot upgrade", has the why of each step.
 
@@ -574,9 +574,15 @@ func (s *Sidecar) startTakenOver() {
 			}
 		})
 	}
-	cfg := s.c2sConfig()
 	for i, st := range t.state.Streams {
-		if err := sockets.AdoptC2S(s.registry, cfg, s.streams, st, t.streams[i]); err != nil {
+		var err error
+		switch st.Transport {
+		case "websocket":
+			err = sockets.AdoptWebSocket(s.registry, s.wsConfig(), s.streams, st, t.streams[i])
+		default:
+			err = sockets.AdoptC2S(s.registry, s.c2sConfig(), s.streams, st, t.streams[i])
+		}
+		if err != nil {
 			s.log.Error("takeover: a stream could not carry on", zap.Uint64("conn", st.ConnID), zap.Error(err))
 		}
 	}

@@ -193,7 +193,7 @@ func (c *c2sConn) readStanzas(stream Stream, parser *xmlstream.Parser) {
 // pumpStanzas returns the read error that stopped it, or nil once it has
 // ended the stream itself.
 func (c *c2sConn) pumpStanzas(stream Stream, parser *xmlstream.Parser) error {
-	c.handoff.opened(stream)
+	c.handoff.opened(stream.MaxStanzaBytes())
 	offset := parser.Offset()
 	c.tap.consumed(offset) // the stream header went to c2s already
 	for {

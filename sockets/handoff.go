@@ -59,27 +59,32 @@ type streamHandoff struct {
 }
 
 // MovingStream is a stream paused for a takeover: its reader waits at a
-// stanza boundary until Moved or Resume.
+// stanza (or message) boundary until Moved or Resume.
 type MovingStream struct {
-	c      *c2sConn
-	State  StreamState
-	stream Stream
+	State StreamState
+
+	conn      *Conn
+	out       *outbox
+	writer    func([]byte) error
+	finish    func()
+	decide    chan<- bool
+	afterStop func(*StreamState) // what the writer's side adds to the state
 }
 
 // Socket returns the client's socket, to be sent with SCM_RIGHTS. It
 // stays open until Moved or Resume.
-func (m *MovingStream) Socket() net.Conn { return m.c.raw.Conn }
+func (m *MovingStream) Socket() net.Conn { return m.conn.Conn }
 
 // Moved ends the stream here: the new process has its socket. Nothing is
 // said to the client or to c2s; our copy of the descriptor is closed.
-func (m *MovingStream) Moved() { m.c.handoff.decision <- true }
+func (m *MovingStream) Moved() { m.decide <- true }
 
 // Resume lets the stream carry on here (the takeover failed).
 func (m *MovingStream) Resume() {
-	if len(m.State.Unwritten) > 0 || m.c.out.isDetached() {
-		m.c.out.reattach(m.State.Unwritten, m.c.write, m.c.closeConn)
+	if m.out.isDetached() {
+		m.out.reattach(m.State.Unwritten, m.writer, m.finish)
 	}
-	m.c.handoff.decision <- false
+	m.decide <- false
 }
 
 // StopWriting stops the stream's writer after the message it is writing
@@ -87,16 +92,15 @@ func (m *MovingStream) Resume() {
 // link to ejabberd is paused). It fails if the writer is stuck on a
 // client that does not read.
 func (m *MovingStream) StopWriting(limit time.Duration) error {
-	pending, ok := m.c.out.detach(limit)
+	pending, ok := m.out.detach(limit)
 	if !ok {
 		return errors.New("the client is not reading")
 	}
 	m.State.Unwritten = pending
-	c := m.c
-	c.mu.Lock()
-	m.State.HeaderSent = c.headerSent
-	c.mu.Unlock()
-	info := c.raw.Info()
+	if m.afterStop != nil {
+		m.afterStop(&m.State)
+	}
+	info := m.conn.Info()
 	m.State.BytesIn, m.State.BytesOut, m.State.JID, m.State.Session = info.BytesIn, info.BytesOut, info.JID, info.Session
 	return nil
 }
@@ -245,45 +249,68 @@ func (c *c2sConn) resumeParser(unread []byte, maxStanza int64) *xmlstream.Parser
 }
 
 func (c *c2sConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
-	h := &c.handoff
-	if !h.running.Load() || c.out.isClosing() {
-		return nil, errors.New("stream not open")
+	if !c.handoff.requested.Load() && c.out.isClosing() {
+		return nil, errors.New("stream closing")
 	}
-	h.parked = make(chan struct{})
-	h.decision = make(chan bool, 1)
-	h.requested.Store(true)
-	for {
-		_ = c.raw.SetReadDeadline(time.Now().Add(-time.Second))
-		select {
-		case <-h.parked:
+	if err := c.handoff.pause(c.raw, deadline); err != nil {
+		return nil, err
+	}
+	st := StreamState{ConnID: c.raw.ID, Transport: "tcp", Peer: c.raw.Peer.String(), Opened: c.raw.Opened,
+		Unread: c.tap.unconsumed(), ShaperRate: c.shaper.rate.Load(), MaxStanza: c.handoff.maxStanza.Load()}
+	return &MovingStream{State: st, conn: c.raw, out: c.out, writer: c.write, finish: c.closeConn,
+		decide: c.handoff.decision, afterStop: func(st *StreamState) {
 			c.mu.Lock()
-			st := StreamState{ConnID: c.raw.ID, Transport: "tcp", Peer: c.raw.Peer.String(), Opened: c.raw.Opened,
-				Unread: c.tap.unconsumed(), ShaperRate: c.shaper.rate.Load(), MaxStanza: h.maxStanza.Load()}
+			st.HeaderSent = c.headerSent
 			c.mu.Unlock()
-			return &MovingStream{c: c, State: st}, nil
-		case <-time.After(10 * time.Millisecond):
-			if time.Now().After(deadline) {
-				// The reader is busy (a slow Send, a shaper pause): it
-				// stays. It may still park later; let it read on then.
-				h.decision <- false
-				return nil, errors.New("the stream's reader did not stop in time")
-			}
-		}
-	}
+		}}, nil
 }
 
 // park runs on the reader once it stopped for a takeover; it returns the
 // parser to read on with, or nil if the stream moved.
 func (c *c2sConn) park() *xmlstream.Parser {
-	h := &c.handoff
+	if c.handoff.park(c.raw) {
+		return nil
+	}
+	return c.resumeParser(c.tap.unconsumed(), c.handoff.maxStanza.Load())
+}
+
+// pause asks the stream's reader to stop at its next boundary: a read
+// deadline in the past ends the read it waits in. The reader re-arms no
+// deadline of its own, but a read may be under way, so it is set until
+// the reader has parked, within deadline.
+func (h *streamHandoff) pause(conn *Conn, deadline time.Time) error {
+	if !h.running.Load() {
+		return errors.New("stream not open")
+	}
+	h.parked = make(chan struct{})
+	h.decision = make(chan bool, 1)
+	h.requested.Store(true)
+	for {
+		_ = conn.SetReadDeadline(time.Now().Add(-time.Second))
+		select {
+		case <-h.parked:
+			return nil
+		case <-time.After(10 * time.Millisecond):
+			if time.Now().After(deadline) {
+				// The reader is busy (a slow Send, a shaper pause): it
+				// stays. It may still park later; let it read on then.
+				h.decision <- false
+				return errors.New("the stream's reader did not stop in time")
+			}
+		}
+	}
+}
+
+// park runs on the reader once it stopped: it waits for the takeover's
+// decision and reports whether the stream moved.
+func (h *streamHandoff) park(conn *Conn) bool {
 	close(h.parked)
 	moved := <-h.decision
 	h.requested.Store(false)
-	if moved {
-		return nil
+	if !moved {
+		_ = conn.SetReadDeadline(time.Time{})
 	}
-	_ = c.raw.SetReadDeadline(time.Time{})
-	return c.resumeParser(c.tap.unconsumed(), h.maxStanza.Load())
+	return moved
 }
 
 // tap keeps what the parser read from the last stanza boundary on.
@@ -315,8 +342,8 @@ func (t *tap) consumed(offset int64) {
 func (t *tap) unconsumed() []byte { return bytes.Clone(t.buf) }
 
 // opened marks the stream as open (its reader feeds c2s), so it may move.
-func (h *streamHandoff) opened(stream Stream) {
-	h.maxStanza.Store(stream.MaxStanzaBytes())
+func (h *streamHandoff) opened(maxStanza int64) {
+	h.maxStanza.Store(maxStanza)
 	h.running.Store(true)
 }
 

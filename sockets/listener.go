@@ -85,12 +85,16 @@ type Conn struct {
 	session   string            // ejabberd's side: the c2s pid or the BOSH sid
 	end       func(cond string) // ends an XMPP stream with a stream error
 	mover     streamMover       // pauses the stream for a takeover (handoff.go)
+	recorder  *wsTap            // keeps a WebSocket's unread bytes for a takeover
 }
 
 // Read counts what the client sent.
 func (c *Conn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
 	c.bytesIn.Add(uint64(n))
+	if c.recorder != nil {
+		c.recorder.record(b[:n]) // a WebSocket that may move (wshandoff.go)
+	}
 	return n, err
 }
 

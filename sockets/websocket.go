@@ -33,6 +33,15 @@ type WebSocketHandler struct {
 
 // NewWebSocketHandler returns the handler.
 func NewWebSocketHandler(cfg WebSocketConfig, backend StreamBackend) *WebSocketHandler {
+	return &WebSocketHandler{cfg: cfg.withDefaults(), backend: backend, upgrader: websocket.Upgrader{
+		Subprotocols: []string{"xmpp"},
+		// Browser clients of any origin may connect, as with ejabberd's
+		// own /ws; authentication is XMPP's business.
+		CheckOrigin: func(*http.Request) bool { return true },
+	}}
+}
+
+func (cfg WebSocketConfig) withDefaults() WebSocketConfig {
 	if cfg.MaxPendingWrite <= 0 {
 		cfg.MaxPendingWrite = 1 << 20
 	}
@@ -42,12 +51,7 @@ func NewWebSocketHandler(cfg WebSocketConfig, backend StreamBackend) *WebSocketH
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	return &WebSocketHandler{cfg: cfg, backend: backend, upgrader: websocket.Upgrader{
-		Subprotocols: []string{"xmpp"},
-		// Browser clients of any origin may connect, as with ejabberd's
-		// own /ws; authentication is XMPP's business.
-		CheckOrigin: func(*http.Request) bool { return true },
-	}}
+	return cfg
 }
 
 // ServeHTTP upgrades the request and runs the stream.
@@ -82,12 +86,10 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	ws.SetReadLimit(maxStanza + 1024)
 	c := &wsConn{ws: ws, conn: conn, cfg: h.cfg, log: h.cfg.Logger.With(zap.Uint64("conn", conn.ID))}
+	c.startTap()
 	conn.SetTransport("websocket")
 	conn.OnEnd(c.streamError)
-	c.out = newOutbox(h.cfg.MaxPendingWrite, func() {
-		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", h.cfg.MaxPendingWrite))
-		_ = ws.UnderlyingConn().Close()
-	})
+	c.out = newOutbox(h.cfg.MaxPendingWrite, c.overflow)
 	go c.out.run(c.write, c.closeConn)
 	defer c.out.shutdown()
 
@@ -120,16 +122,7 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err := stream.Send([]etf.Term{open}); err != nil {
 		return
 	}
-	for {
-		ev, err := c.readEvent(limits)
-		if err != nil {
-			return
-		}
-		if err := stream.Send([]etf.Term{ev}); err != nil {
-			c.streamError("remote-connection-failed")
-			return
-		}
-	}
+	c.readMessages(stream, limits)
 }
 
 func hasXMPPSubprotocol(r *http.Request) bool {
@@ -150,6 +143,15 @@ type wsConn struct {
 
 	out    *outbox
 	shaper shaper
+
+	tap     *wsTap // what the client sent from the last message read on
+	handoff streamHandoff
+}
+
+// overflow disconnects a client that reads slower than ejabberd writes.
+func (c *wsConn) overflow() {
+	c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", c.cfg.MaxPendingWrite))
+	_ = c.conn.Close()
 }
 
 // readEvent reads one message and turns it into a c2s event; a broken
@@ -158,6 +160,12 @@ func (c *wsConn) readEvent(limits xmlstream.Limits) (etf.Term, error) {
 	kind, msg, err := c.ws.ReadMessage()
 	if pause := c.shaper.delay(len(msg)); pause > 0 {
 		time.Sleep(pause) // reading waits, as ejabberd's shaper makes it
+	}
+	if err == nil {
+		c.tap.messageRead()
+	}
+	if err != nil && c.handoff.requested.Load() {
+		return nil, err // stopped for a takeover: nothing is wrong
 	}
 	if err != nil {
 		switch {

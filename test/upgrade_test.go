@@ -101,8 +101,9 @@ func TestHotUpgradeKeepsClients(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Errorf("the old process did not exit once empty:\n%s", tail(old.logs(), 30))
 	}
-	if !strings.Contains(old.logs(), "takeover: handed over") {
-		t.Errorf("the old process did not report the handover:\n%s", tail(old.logs(), 30))
+	// The TCP and WebSocket streams (two each) moved; nothing stayed behind.
+	if !strings.Contains(old.logs(), `"streams_moved": 4, "streams_staying": 0`) {
+		t.Errorf("the old process did not hand over the four streams:\n%s", tail(old.logs(), 30))
 	}
 
 	// New logins go through the new process, on the same ports.

@@ -94,7 +94,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:9280", "admin HTTP listen address: /metrics (Prometheus), /healthz, /loglevel (empty: off)")
 	fs.StringVar(&o.handoffSocket, "handoff-socket", "", "unix socket on which a new sidecar binary (--takeover) may take over this one's sockets and clients (empty: off)")
 	fs.StringVar(&o.takeover, "takeover", "", "take over the running sidecar listening on this handoff socket, instead of starting afresh (its node name and sockets are carried on)")
-	fs.DurationVar(&o.handoffLinger, "handoff-linger", time.Hour, "after a takeover, how long the old process keeps what could not move (TLS and WebSocket streams, held BOSH requests) before ending it")
+	fs.DurationVar(&o.handoffLinger, "handoff-linger", time.Hour, "after a takeover, how long the old process keeps what could not move (TLS streams, held BOSH requests) before ending it")
 	return fs
 }
 
