@@ -105,7 +105,7 @@ func (n *Node) newAttachment(peer string, build string) *Attachment {
 			Sidecar:    n.self,
 			Version:    etf.ProtocolVersion,
 			MinVersion: etf.MinProtocolVersion,
-			Name:       string(n.name),
+			Name:       n.cfg.Name,
 			Build:      build,
 		},
 	}
@@ -294,7 +294,7 @@ func (a *Attachment) attachOnce(ctx context.Context, backoff *backoff) error {
 	a.attempts.Add(1)
 	welcome := make(chan any, 1)
 	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	link, err := a.node.Dial(dialCtx, a.peer, a.handle(welcome))
+	link, err := a.node.dialPeer(dialCtx, a.peer, a.handle(welcome))
 	cancel()
 	if err != nil {
 		return err

@@ -23,7 +23,6 @@ import (
 	"time"
 
 	"github.com/megaphone-im/megaphone/etf"
-	"go.uber.org/zap"
 )
 
 // Identity is what makes our pids and references ours: the new process
@@ -154,19 +153,8 @@ func (l *Link) deliverRelayed(d Delivery) { l.handler(l, d) }
 // adoptLink carries on a link another process paused, on conn (the same
 // socket, received over SCM_RIGHTS). Its reader and ticker start with start.
 func (n *Node) adoptLink(conn net.Conn, st LinkHandoff, handler Handler) *Link {
-	l := &Link{
-		node:         n,
-		peer:         peerInfo{name: st.Peer, flags: st.PeerFlags, creation: st.PeerCreation},
-		conn:         conn,
-		reader:       bufio.NewReaderSize(io.MultiReader(bytes.NewReader(st.Unread), conn), 64<<10),
-		handler:      handler,
-		log:          n.log.With(zap.String("peer", st.Peer)),
-		writeTimeout: n.cfg.WriteTimeout,
-		monitors:     make(map[string]monitorEntry),
-		links:        make(map[etf.Pid]struct{}),
-		done:         make(chan struct{}),
-		parked:       make(chan struct{}),
-	}
+	l := n.newLink(conn, bufio.NewReaderSize(io.MultiReader(bytes.NewReader(st.Unread), conn), 64<<10),
+		peerInfo{name: st.Peer, flags: st.PeerFlags, creation: st.PeerCreation}, handler)
 	for _, m := range st.Monitors {
 		l.monitors[m.Ref.String()] = monitorEntry{from: m.From, ref: m.Ref}
 	}
@@ -177,7 +165,6 @@ func (n *Node) adoptLink(conn net.Conn, st LinkHandoff, handler Handler) *Link {
 	if tcp, ok := conn.(*net.TCPConn); ok {
 		_ = tcp.SetNoDelay(true)
 	}
-	l.lastWrite.Store(time.Now().UnixNano())
 	return l
 }
 

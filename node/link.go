@@ -95,6 +95,26 @@ type Link struct {
 	silence time.Duration
 }
 
+// newLink makes a link over conn, whose next bytes reader reads; start
+// begins reading and ticking.
+func (n *Node) newLink(conn net.Conn, reader *bufio.Reader, info peerInfo, handler Handler) *Link {
+	l := &Link{
+		node:         n,
+		peer:         info,
+		conn:         conn,
+		reader:       reader,
+		handler:      handler,
+		log:          n.log.With(zap.String("peer", info.name)),
+		writeTimeout: n.cfg.WriteTimeout,
+		monitors:     make(map[string]monitorEntry),
+		links:        make(map[etf.Pid]struct{}),
+		done:         make(chan struct{}),
+		parked:       make(chan struct{}),
+	}
+	l.lastWrite.Store(time.Now().UnixNano())
+	return l
+}
+
 type monitorEntry struct {
 	from etf.Pid
 	ref  etf.Ref

@@ -53,6 +53,26 @@ type Node struct {
 	refs     atomic.Uint64
 	// controlSlots holds one token per operator command running.
 	controlSlots chan struct{}
+	// dial replaces Dial for a node that reaches ejabberd another way (the
+	// port carrier, port.go); closed is closed when that way is gone.
+	dial   func(ctx context.Context, peer string, handler Handler) (*Link, error)
+	closed chan struct{}
+}
+
+func (cfg Config) withDefaults() Config {
+	if cfg.EPMDPort == 0 {
+		cfg.EPMDPort = DefaultEPMDPort
+	}
+	if cfg.TickInterval == 0 {
+		cfg.TickInterval = 15 * time.Second
+	}
+	if cfg.WriteTimeout == 0 {
+		cfg.WriteTimeout = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	return cfg
 }
 
 // makeRef returns a reference unique for this run of the node.
@@ -70,18 +90,7 @@ func New(cfg Config) (*Node, error) {
 	if cfg.Cookie == "" {
 		return nil, errors.New("empty cookie")
 	}
-	if cfg.EPMDPort == 0 {
-		cfg.EPMDPort = DefaultEPMDPort
-	}
-	if cfg.TickInterval == 0 {
-		cfg.TickInterval = 15 * time.Second
-	}
-	if cfg.WriteTimeout == 0 {
-		cfg.WriteTimeout = 30 * time.Second
-	}
-	if cfg.Logger == nil {
-		cfg.Logger = zap.NewNop()
-	}
+	cfg = cfg.withDefaults()
 	var c [4]byte
 	if _, err := rand.Read(c[:]); err != nil {
 		return nil, err
@@ -102,6 +111,20 @@ func (n *Node) Name() etf.Atom { return n.name }
 // Self returns the pid of the sidecar's one Erlang-visible process: the
 // shim sends every reply there and monitors it.
 func (n *Node) Self() etf.Pid { return n.self }
+
+// dialPeer opens a link to peer the node's way: the distribution, or the
+// port it was started on.
+func (n *Node) dialPeer(ctx context.Context, peer string, handler Handler) (*Link, error) {
+	if n.dial != nil {
+		return n.dial(ctx, peer, handler)
+	}
+	return n.Dial(ctx, peer, handler)
+}
+
+// Closed is closed when a node started on a port has lost it (ejabberd
+// closed the port or went away): the sidecar has nothing left to serve.
+// For a distribution node it is never closed.
+func (n *Node) Closed() <-chan struct{} { return n.closed }
 
 // Dial connects to the Erlang node peer ("name@host") and returns a live
 // link whose incoming messages go to handler.
@@ -129,20 +152,7 @@ func (n *Node) Dial(ctx context.Context, peer string, handler Handler) (*Link, e
 	if tcp, ok := conn.(*net.TCPConn); ok {
 		_ = tcp.SetNoDelay(true)
 	}
-	l := &Link{
-		node:         n,
-		peer:         info,
-		conn:         conn,
-		reader:       reader,
-		handler:      handler,
-		log:          n.log.With(zap.String("peer", info.name)),
-		writeTimeout: n.cfg.WriteTimeout,
-		monitors:     make(map[string]monitorEntry),
-		links:        make(map[etf.Pid]struct{}),
-		done:         make(chan struct{}),
-		parked:       make(chan struct{}),
-	}
-	l.lastWrite.Store(time.Now().UnixNano())
+	l := n.newLink(conn, reader, info, handler)
 	l.start()
 	return l, nil
 }
