@@ -17,7 +17,8 @@
 
 -export([start/0, stop/0, status/0,
          connections/0, connections/1, info/1, kick/1,
-         drain/0, resume/0, limits/0, limits/1]).
+         drain/0, resume/0, limits/0, limits/1,
+         start_port/2, stop_port/1, ports/0]).
 
 -define(TIMEOUT, 5000).
 -define(LIMITS, [max_conns, max_conns_per_ip, max_body_bytes, max_stanza_bytes]).
@@ -181,6 +182,34 @@ limits(Changes) when is_map(Changes) ->
     end;
 limits(Other) ->
     {error, {bad_limits, Other}}.
+
+%% @doc Runs the sidecar binary at Path as an Erlang port instead of a
+%% hidden node: no distribution link, no cookie. Args are its flags (e.g.
+%% ["--bosh-addr", "127.0.0.1:5280"]); the carrier adds `--carrier port'.
+%% The shim restarts it if it exits; its clients' streams end with it, as
+%% when a sidecar node goes down.
+-spec start_port(file:filename_all(), [string()]) -> {ok, pid()} | {error, term()}.
+start_port(Path, Args) when is_list(Args) ->
+    case lists:all(fun io_lib:char_list/1, Args) of
+        true -> megaphone_port_sup:start_port(Path, Args);
+        false -> {error, {bad_args, Args}}
+    end.
+
+%% @doc Stops the port sidecar started from Path.
+-spec stop_port(file:filename_all()) -> ok | {error, not_found}.
+stop_port(Path) ->
+    megaphone_port_sup:stop_port(Path).
+
+%% @doc The port sidecars: path, carrier process and the sidecar's OS pid.
+-spec ports() -> [#{path := file:filename_all(), carrier := pid() | atom(),
+                    os_pid := non_neg_integer() | not_running}].
+ports() ->
+    [#{path => Path, carrier => Pid,
+       os_pid => case is_pid(Pid) andalso catch megaphone_port:os_pid(Pid) of
+                     {ok, OsPid} -> OsPid;
+                     _ -> not_running
+                 end}
+     || {Path, Pid} <- megaphone_port_sup:ports()].
 
 %%% Internals
 

@@ -1,5 +1,6 @@
-%% @doc Top supervisor: the listener that takes sidecars' hellos, and the
-%% supervisor of one session process per attached sidecar.
+%% @doc Top supervisor: the listener that takes sidecars' hellos, the
+%% supervisor of one session process per attached sidecar, and the
+%% supervisor of the sidecars run as ports.
 -module(megaphone_sup).
 -behaviour(supervisor).
 
@@ -18,5 +19,9 @@ init([]) ->
                   start => {megaphone_sidecar_sup, start_link, []},
                   type => supervisor},
                 #{id => megaphone_listener,
-                  start => {megaphone_listener, start_link, []}}],
+                  start => {megaphone_listener, start_link, []}},
+                %% Last, so that its troubles restart nothing else.
+                #{id => megaphone_port_sup,
+                  start => {megaphone_port_sup, start_link, []},
+                  type => supervisor}],
     {ok, {#{strategy => rest_for_one, intensity => 10, period => 10}, Children}}.
