@@ -315,9 +315,7 @@ func TestSIGTERMDrains(t *testing.T) {
 	}
 
 	// alice's stream lives through the grace period, then gets the error.
-	_ = alice.SetReadDeadline(time.Now().Add(grace + 15*time.Second))
-	got, _ := io.ReadAll(alice)
-	if !strings.Contains(string(got), "<system-shutdown") {
+	if got := readUntilClosed(alice, grace+15*time.Second); !strings.Contains(got, "<system-shutdown") {
 		t.Errorf("the live stream got %q", got)
 	}
 	if since := time.Since(sent); since < grace-time.Second {
