@@ -272,6 +272,17 @@ func TestAdminEndpointAndReload(t *testing.T) {
 		t.Errorf("/healthz while detached: %q", body)
 	}
 	sc.waitMetric(t, fmt.Sprintf(`megaphone_ejabberd_attached{node=%q}`, ej.Node), 0)
+
+	// The cookie shows nowhere: not in the log (debug lines included, above)
+	// nor on the admin endpoint.
+	cookie, err := os.ReadFile(ej.CookieFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, metrics := sc.get(t, "/metrics")
+	if c := strings.TrimSpace(string(cookie)); c == "" || strings.Contains(sc.logs(), c) || strings.Contains(metrics, c) {
+		t.Error("the cookie is in the log or the metrics")
+	}
 }
 
 // SIGTERM drains the sidecar end to end: the held BOSH long-poll is
