@@ -171,49 +171,56 @@ func run(ctx context.Context, c config) error {
 	return nil
 }
 
-// runCell measures one transport at one N on a fresh node: through the
-// sidecar first, then natively. The native side comes second so that any
-// allocator carriers left by the first side flatter native, never
-// Megaphone.
+// runCell measures one transport at one N: through the sidecar, then
+// natively, each on a fresh node of the same configuration. Sharing one
+// node would skew beam RSS: the allocators keep the carriers the first
+// side's logins grew, and the second side grows into them unseen.
 func runCell(ctx context.Context, c config, kind loadgen.Kind, n int, chat bool) ([]idleResult, []chatResult, error) {
+	var idle []idleResult
+	var chats []chatResult
+	for _, megaphone := range []bool{true, false} {
+		r, cr, err := runSide(ctx, c, kind, n, chat, megaphone)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s: %w", pathName(megaphone), err)
+		}
+		idle = append(idle, r)
+		if chat {
+			chats = append(chats, cr)
+		}
+		fmt.Fprintf(os.Stderr, "%s %s n=%d: total %.1f KiB/session, %.0f logins/s\n", kind, pathName(megaphone), n, r.total(), r.loginRate)
+	}
+	return idle, chats, nil
+}
+
+func runSide(ctx context.Context, c config, kind loadgen.Kind, n int, chat, megaphone bool) (idleResult, chatResult, error) {
+	r, cr := idleResult{kind: kind, megaphone: megaphone}, chatResult{kind: kind, megaphone: megaphone}
 	users := n
 	if chat && 2*c.pairs > users {
 		users = 2 * c.pairs
 	}
 	nd, err := startNode(ctx, c, users)
 	if err != nil {
-		return nil, nil, err
+		return r, cr, err
 	}
 	defer nd.ej.Stop()
-	var idle []idleResult
-	var chats []chatResult
-	for _, megaphone := range []bool{true, false} {
-		var sc *sidecar
-		target := nd.nativeTarget(kind)
-		if megaphone {
-			if sc, err = startSidecar(ctx, c, nd, kind); err != nil {
-				return nil, nil, err
-			}
-			target = sc.target
+	var sc *sidecar
+	target := nd.nativeTarget(kind)
+	if megaphone {
+		if sc, err = startSidecar(ctx, c, nd, kind); err != nil {
+			return r, cr, err
 		}
-		r, err := idlePhase(ctx, c, nd, sc, target, n)
-		if err == nil && chat {
-			var cr chatResult
-			cr, err = chatPhase(ctx, c, nd, target)
-			cr.kind, cr.megaphone = kind, megaphone
-			chats = append(chats, cr)
-		}
-		if sc != nil {
-			sc.stop()
-		}
-		if err != nil {
-			return nil, nil, fmt.Errorf("%s: %w", pathName(megaphone), err)
-		}
-		r.kind, r.megaphone = kind, megaphone
-		idle = append(idle, r)
-		fmt.Fprintf(os.Stderr, "%s %s n=%d: total %.1f KiB/session, %.0f logins/s\n", kind, pathName(megaphone), n, r.total(), r.loginRate)
+		defer sc.stop()
+		target = sc.target
 	}
-	return idle, chats, nil
+	if r, err = idlePhase(ctx, c, nd, sc, target, n); err != nil {
+		return r, cr, err
+	}
+	r.kind, r.megaphone = kind, megaphone
+	if chat {
+		cr, err = chatPhase(ctx, c, nd, target)
+		cr.kind, cr.megaphone = kind, megaphone
+	}
+	return r, cr, err
 }
 
 func pathName(megaphone bool) string {

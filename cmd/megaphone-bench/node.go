@@ -132,7 +132,7 @@ func startSidecar(ctx context.Context, c config, nd *node, kind loadgen.Kind) (*
 		return nil, err
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	args := []string{"--node", nd.ej.Node, "--cookie-file", nd.ej.CookieFile, "--log-level", "warn"}
+	args := []string{"--node", nd.ej.Node, "--cookie-file", nd.ej.CookieFile, "--log-level", "warn", "--admin-addr", ""}
 	t := loadgen.Target{Kind: kind, Addr: addr, Domain: "localhost"}
 	switch kind {
 	case loadgen.TCP:

@@ -22,10 +22,10 @@ func renderReport(c config, idle []idleResult, chats []chatResult, took time.Dur
 	var b strings.Builder
 	w := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
 	w("## Idle sessions (%s)\n\n", time.Now().UTC().Format("2006-01-02 15:04 MST"))
-	w("Per transport and N, on one fresh private ejabberd node per row pair: N sessions log in\n")
-	w("through the sidecar, idle %s, are measured and leave; then N log in to ejabberd's own\n", c.idle)
-	w("listener of the same transport on the same node. KiB per session (growth over the idle\n")
-	w("baseline / N). Total = beam RSS + sidecar RSS + kernel.\n\n")
+	w("Per transport and N: N sessions log in through a fresh sidecar, idle %s and are\n", c.idle)
+	w("measured; then N log in to ejabberd's own listener of the same transport. Each side has a\n")
+	w("fresh private ejabberd node of the same configuration. KiB per session (growth over the\n")
+	w("idle baseline / N). Total = beam RSS + sidecar RSS + kernel.\n\n")
 	w("| transport | path | N | logins/s | beam RSS | Erlang mem | Erlang mem after GC | sidecar RSS | kernel | **total** | Erlang procs | ports |\n")
 	w("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range idle {

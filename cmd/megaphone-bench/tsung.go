@@ -67,7 +67,7 @@ func runTsung(ctx context.Context, c config) error {
 	}
 	c2s := fmt.Sprintf("127.0.0.1:%d", tsungMegaphoneC2S)
 	sc, err := launchSidecar(ctx, c, nd, []string{"--node", ej.Node, "--cookie-file", ej.CookieFile, "--log-level", "warn",
-		"--c2s-addr", c2s, "--bosh-addr", fmt.Sprintf("127.0.0.1:%d", tsungMegaphoneHTTP)}, loadgen.Target{Addr: c2s})
+		"--admin-addr", "", "--c2s-addr", c2s, "--bosh-addr", fmt.Sprintf("127.0.0.1:%d", tsungMegaphoneHTTP)}, loadgen.Target{Addr: c2s})
 	if err != nil {
 		return err
 	}
