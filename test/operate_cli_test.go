@@ -347,3 +347,31 @@ func TestSIGTERMDrains(t *testing.T) {
 		}
 	}
 }
+
+// A taken admin address does not stop the sidecar, and is served once it
+// is free: as when a new sidecar takes over from an old one that still
+// holds it.
+func TestAdminAddressFreedLater(t *testing.T) {
+	ej := startEjabberd(t, harness.Options{})
+	port, err := harness.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := fmt.Sprintf("127.0.0.1:%d", port)
+	old := startSidecar(t, ej, "", "--admin-addr", admin)
+	next := &adminSidecar{streamSidecar: &streamSidecar{sidecar: startSidecar(t, ej, "", "--admin-addr", admin)}, admin: admin}
+	waitUntil(t, 10*time.Second, "the second sidecar reports the taken address", func() bool {
+		return strings.Contains(next.logs(), "admin endpoint (metrics) not served yet")
+	})
+	if code, body := next.get(t, "/healthz"); code != http.StatusOK || !strings.Contains(body, ej.Node+": attached") {
+		t.Fatalf("/healthz from the first sidecar: %d %q", code, body)
+	}
+	old.kill()
+	waitUntil(t, 15*time.Second, "the second sidecar serves the admin endpoint", func() bool {
+		return strings.Contains(next.logs(), "serving the admin endpoint")
+	})
+	next.waitMetric(t, fmt.Sprintf(`megaphone_ejabberd_attached{node=%q}`, ej.Node), 1)
+	if !strings.Contains(next.logs(), `"metrics": "http://`+admin+`/metrics"`) {
+		t.Errorf("the second sidecar serves the admin endpoint elsewhere:\n%s", next.logs())
+	}
+}
