@@ -411,8 +411,10 @@ func (s *Sidecar) relayFromNew(uc *net.UnixConn) {
 func (s *Sidecar) lingerAfterHandoff(ctx context.Context) {
 	s.registry.SetDraining(true)
 	deadline := time.Now().Add(s.cfg.HandoffLinger)
-	// Bounded by the linger: one check a second.
+	// Bounded by the linger: one check a second, the first once the moved
+	// streams' goroutines here have let go of them.
 	for i := 0; ctx.Err() == nil && time.Now().Before(deadline); i++ {
+		time.Sleep(time.Second)
 		open := s.registry.Stats().Open
 		if open == 0 {
 			break
@@ -421,7 +423,6 @@ func (s *Sidecar) lingerAfterHandoff(ctx context.Context) {
 			s.log.Info("after the takeover: connections still here", zap.Int("open", open),
 				zap.Duration("left", time.Until(deadline).Round(time.Second)))
 		}
-		time.Sleep(time.Second)
 	}
 	if open := s.registry.Stats().Open; open > 0 {
 		s.log.Info("ending the connections left after the takeover", zap.Int("open", open))
