@@ -2,6 +2,7 @@ package test
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -265,4 +266,26 @@ func floodUser(t *testing.T, ej *harness.Ejabberd, jid string) {
 	        {<<"from">>, <<"bob@localhost/flood">>}, {<<"type">>, <<"chat">>}],
 	        [{xmlel, <<"body">>, [], [{xmlcdata, Body}]}]}, <<"jabber:client">>, []),
 	    [ejabberd_router:route(M) || _ <- lists:seq(1, 400)], ok`)
+}
+
+// A client that opens its stream and then says nothing is closed by
+// ejabberd's own negotiation timeout (set to 3 s here), through the
+// sidecar: the client gets the stream error, and the sidecar lets go of
+// its socket.
+func TestIdleUnauthenticatedStreamIsClosed(t *testing.T) {
+	ej := startEjabberd(t, harness.Options{ExtraConfig: "negotiation_timeout: 3\n"})
+	sc := startStreamSidecar(t, ej)
+	fds := sc.openFiles(t)
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", sc.c2sTLS,
+		&tls.Config{InsecureSkipVerify: true}) // the test's own self-signed cert
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_, _ = io.WriteString(c, `<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>`)
+	got, closed := closedWithin(t, c, 20*time.Second, "")
+	if !closed || !strings.Contains(got, "connection-timeout") {
+		t.Errorf("idle unauthenticated stream: closed=%v, got %q", closed, got)
+	}
+	waitUntil(t, 10*time.Second, "the sidecar's sockets back to baseline", func() bool { return sc.openFiles(t) <= fds })
 }
