@@ -46,9 +46,13 @@ const (
 // handoffState is what the old process sends, before the descriptors:
 // one per attached link, then one per listener, then one per stream.
 type handoffState struct {
-	Identity    node.Identity
-	LastConnID  uint64
-	LastReqID   uint64
+	Identity   node.Identity
+	LastConnID uint64
+	LastReqID  uint64
+	// Runtime state set from ejabberd's shell carries over; SIGHUP makes
+	// the new process read its config file's limits again.
+	Limits      sockets.Limits
+	Draining    bool
 	Attachments []node.AttachmentHandoff
 	Listeners   []string
 	Streams     []sockets.StreamState
@@ -177,6 +181,7 @@ func (s *Sidecar) handOver(uc *net.UnixConn) error {
 			return
 		}
 		// The new process touched nothing: carry on as before.
+		s.log.Info("takeover: resuming what was paused", zap.Int("links", len(paused)), zap.Int("streams", len(moving)))
 		for _, a := range paused {
 			a.Resume()
 		}
@@ -205,7 +210,8 @@ func (s *Sidecar) handOver(uc *net.UnixConn) error {
 	moved, stay := stopWriters(moving, states)
 
 	state := handoffState{Identity: s.node.Identity(), LastConnID: s.registry.LastID(),
-		LastReqID: s.front.LastRequestID(), Attachments: states, Listeners: roles}
+		LastReqID: s.front.LastRequestID(), Limits: s.registry.Limits(), Draining: s.registry.Draining(),
+		Attachments: states, Listeners: roles}
 	var fds []int
 	for _, a := range s.attached {
 		if c := a.PausedConn(); c != nil {
@@ -535,6 +541,8 @@ func (s *Sidecar) takeOver(ctx context.Context) error {
 
 	s.node = n
 	s.registry.ContinueIDs(state.LastConnID)
+	s.registry.SetLimits(state.Limits)
+	s.registry.SetDraining(state.Draining)
 	k := 0
 	for _, st := range state.Attachments {
 		var conn net.Conn
@@ -563,6 +571,7 @@ func (s *Sidecar) startTakenOver() {
 	}
 	s.upgrade.taken = nil
 	s.front.ContinueRequestIDs(t.state.LastReqID)
+	s.front.SetDraining(t.state.Draining) // the shim knows already
 	out := &relayWriter{uc: t.uc}
 	for i, a := range s.attached {
 		a.ForwardUnknown(func(d node.Delivery) {

@@ -2,7 +2,10 @@ package test
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
+	"io"
+	"net"
 	"path/filepath"
 	"regexp"
 	"sort"
@@ -19,6 +22,10 @@ import (
 // 100 ms before, during and after the upgrade. The TCP and WebSocket
 // streams move to the new process (their sockets and c2s pids with them);
 // the old process exits once the BOSH requests it held are answered.
+// Before that, two takeovers fail (a binary of another handoff version,
+// and one that goes away after the old process has paused everything and
+// sent its state): the old process carries on, and the clients notice
+// nothing of either.
 func TestHotUpgradeKeepsClients(t *testing.T) {
 	u := newUpgradeRun(t, false)
 	u.clients(map[string][]string{
@@ -26,6 +33,7 @@ func TestHotUpgradeKeepsClients(t *testing.T) {
 		"websocket": {"xmpp_chat.mjs", "--service", "ws://" + u.http + "/ws", "--domain", "localhost", "--a", "carol", "--b", "dave"},
 		"bosh":      {"bosh_chat.mjs", "--url", "http://" + u.http + "/bosh", "--a", "erin@localhost", "--b", "frank@localhost"},
 	})
+	u.failedTakeovers()
 	u.upgrade()
 	// The TCP and WebSocket streams (two each) moved; nothing stayed behind.
 	if !strings.Contains(u.old.logs(), `"streams_moved": 4, "streams_staying": 0`) {
@@ -149,6 +157,45 @@ func (u *upgradeRun) clients(pairs map[string][]string) {
 	if u.pidsBefore = c2sPids(sessions, u.users...); len(u.pidsBefore) != len(u.users) {
 		t.Fatalf("want one c2s for each of %v before the upgrade, sessions: %s", u.users, sessions)
 	}
+}
+
+// failedTakeovers makes two takeovers fail, as a wrong or crashing new
+// binary would: one speaks another handoff version, the other takes the
+// state and hangs up before acknowledging it.
+func (u *upgradeRun) failedTakeovers() {
+	t := u.t
+	for _, version := range []string{"megaphone-handoff-0", "megaphone-handoff-1"} {
+		c, err := net.DialTimeout("unix", u.handoff, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		hello := append([]byte{'T', 0, 0, 0, byte(len(version))}, version...)
+		if _, err := c.Write(hello); err != nil {
+			t.Fatal(err)
+		}
+		// The state frame (kind, length, msgpack), or nothing for a
+		// version the old process does not speak.
+		head := make([]byte, 5)
+		_, err = io.ReadFull(c, head)
+		if version == "megaphone-handoff-0" {
+			if err == nil {
+				t.Errorf("the old process answered a takeover of another handoff version: %q", head)
+			}
+		} else if err != nil || head[0] != 'S' {
+			t.Errorf("no state from the old process: %q %v", head, err)
+		} else if _, err := io.CopyN(io.Discard, c, int64(binary.BigEndian.Uint32(head[1:]))); err != nil {
+			t.Error(err)
+		}
+		c.Close()
+	}
+	waitUntil(t, 10*time.Second, "the old process carries on after two failed takeovers", func() bool {
+		return strings.Count(u.old.logs(), "takeover failed; carrying on") == 2
+	})
+	if !strings.Contains(u.old.logs(), `resuming what was paused	{"links": 1, "streams": 4}`) {
+		t.Errorf("the second takeover did not fail with the link and the four streams paused:\n%s", tail(u.old.logs(), 20))
+	}
+	time.Sleep(3 * time.Second) // chatting through the old process, resumed
 }
 
 // upgrade starts the new binary with --takeover while the pairs chat.
