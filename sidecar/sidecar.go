@@ -50,6 +50,12 @@ type Config struct {
 	AdminAddr string           // metrics, health and log level over HTTP ("": off)
 	LogLevel  *zap.AtomicLevel // the level /loglevel shows and sets (nil: not served)
 
+	// Port, if set, is the Erlang port the shim started us on
+	// (megaphone:start_port/2): the bridge runs over it instead of the
+	// distribution, Nodes and Cookie are not used, and the sidecar stops
+	// when the port closes.
+	Port net.Conn
+
 	Version string // the build, told to the shim in the hello
 	Logger  *zap.Logger
 }
@@ -75,7 +81,7 @@ type Sidecar struct {
 // New checks the configuration and creates the sidecar's node; nothing
 // listens or dials until Run.
 func New(cfg Config) (*Sidecar, error) {
-	if len(cfg.Nodes) == 0 {
+	if len(cfg.Nodes) == 0 && cfg.Port == nil {
 		return nil, errors.New("no ejabberd node to attach to")
 	}
 	if cfg.Logger == nil {
@@ -95,8 +101,17 @@ func New(cfg Config) (*Sidecar, error) {
 	}
 	s := &Sidecar{cfg: cfg, log: cfg.Logger, started: time.Now(), registry: sockets.NewRegistry(cfg.Limits)}
 	s.upgrade.handedOver = make(chan struct{})
-	n, err := node.New(s.nodeConfig())
-	if err != nil {
+	var n *node.Node
+	var err error
+	if cfg.Port != nil {
+		// The shim started us as a port: the node behind it is the one
+		// ejabberd node we serve, whatever was configured.
+		var peer string
+		if n, peer, err = node.NewPortNode(s.nodeConfig(), cfg.Port); err != nil {
+			return nil, err
+		}
+		s.cfg.Nodes = []string{peer}
+	} else if n, err = node.New(s.nodeConfig()); err != nil {
 		return nil, err
 	}
 	s.node = n
@@ -161,6 +176,8 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		s.closeListeners()
 		return err
 	case <-ctx.Done():
+	case <-s.node.Closed():
+		s.log.Info("the port to ejabberd closed: stopping")
 	case <-s.upgrade.handedOver:
 		s.lingerAfterHandoff(ctx)
 		return nil

@@ -30,6 +30,7 @@ const configEnv = envPrefix + "CONFIG"
 type options struct {
 	configFile    string
 	nodes         []string
+	carrier       string
 	name          string
 	cookieFile    string
 	epmdPort      int
@@ -71,6 +72,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 		}
 		return nil
 	})
+	fs.StringVar(&o.carrier, "carrier", "dist", "how to reach ejabberd: dist (a hidden node; --node, --cookie-file) or port (started by the shim with megaphone:start_port/2, over stdin/stdout)")
 	fs.StringVar(&o.name, "name", "", "this sidecar's node name (default megaphone_<pid>@<host of --node>)")
 	home, _ := os.UserHomeDir()
 	fs.StringVar(&o.cookieFile, "cookie-file", filepath.Join(home, ".erlang.cookie"),
@@ -164,7 +166,14 @@ func loadOptions(args []string, lookupEnv func(string) (string, bool)) (options,
 		return o, err
 	}
 	o.configFile = path
-	if len(o.nodes) == 0 {
+	switch {
+	case o.carrier == "port":
+		if o.name == "" {
+			o.name = fmt.Sprintf("megaphone_port_%d", os.Getpid())
+		}
+	case o.carrier != "dist":
+		return o, fmt.Errorf("--carrier %q: dist or port", o.carrier)
+	case len(o.nodes) == 0:
 		return o, errors.New("--node is required (or node: in the config file, or " + envName("node") + ")")
 	}
 	if o.name == "" {

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"strings"
@@ -74,12 +75,19 @@ func newLogger(format, level string) (*zap.Logger, zap.AtomicLevel, error) {
 }
 
 func run(ctx context.Context, o options, log *zap.Logger, level zap.AtomicLevel) error {
-	cookie, err := node.ReadCookieFile(o.cookieFile)
-	if err != nil {
+	var cookie string
+	var port net.Conn
+	var err error
+	if o.carrier == "port" {
+		// stdout carries the bridge: the logs go to stderr (zap's default).
+		if port, err = node.StdioConn(); err != nil {
+			return err
+		}
+	} else if cookie, err = node.ReadCookieFile(o.cookieFile); err != nil {
 		return err
 	}
 	sc, err := sidecar.New(sidecar.Config{
-		Nodes: o.nodes, Name: o.name, Cookie: cookie, EPMDPort: o.epmdPort,
+		Nodes: o.nodes, Name: o.name, Cookie: cookie, EPMDPort: o.epmdPort, Port: port,
 		BOSHAddr: o.boshAddr, BOSHPaths: strings.Split(o.boshPaths, ","), WSPath: o.wsPath,
 		C2SAddr: o.c2sAddr, C2STLSAddr: o.c2sTLSAddr, TLSCert: o.tlsCert, TLSKey: o.tlsKey,
 		Limits:           o.limits(),
