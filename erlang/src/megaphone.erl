@@ -110,7 +110,10 @@ connections(Filter) when is_map(Filter) ->
     case wire_filter(Filter) of
         {ok, Wire} ->
             Rows = lists:append([R || R <- ask_all(sessions(), {connections, Wire}), is_list(R)]),
-            Sorted = lists:sort(fun(A, B) -> maps:get(age_s, A) >= maps:get(age_s, B) end, Rows),
+            %% Each sidecar's rows come oldest first; merged by age with
+            %% a key sort, which takes 25 ms for 100,000 rows where a sort
+            %% with a comparison fun takes 110 (BENCH.md).
+            Sorted = [R || {_, R} <- lists:keysort(1, [{-maps:get(age_s, R), R} || R <- Rows])],
             case maps:find(limit, Wire) of
                 {ok, N} when N > 0 -> lists:sublist(Sorted, N);
                 _ -> Sorted
