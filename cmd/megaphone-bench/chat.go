@@ -40,7 +40,7 @@ const (
 // and measures both phases.
 func chatPhase(ctx context.Context, c config, nd *node, t loadgen.Target) (chatResult, error) {
 	r := chatResult{pairs: c.pairs}
-	sessions, took, err := loginAll(ctx, c, t, "b", 1, 2*c.pairs)
+	sessions, took, _, err := loginAll(ctx, c, t, "b", 1, 2*c.pairs)
 	if err != nil {
 		return r, err
 	}

@@ -21,6 +21,7 @@ type idleResult struct {
 	megaphone bool
 	n         int
 	loginRate float64 // logins/s
+	retried   int     // logins that failed once and were tried again
 	// KiB per session: growth over the idle baseline divided by n.
 	beamRSS, erlang, erlangGC, sidecarRSS, kernel float64
 	processes, ports                              float64 // per session
@@ -39,7 +40,7 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.T
 	if err != nil {
 		return idleResult{}, err
 	}
-	sessions, took, err := loginAll(ctx, c, t, "b", 1, n)
+	sessions, took, retried, err := loginAll(ctx, c, t, "b", 1, n)
 	if err != nil {
 		return idleResult{}, err
 	}
@@ -56,6 +57,7 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.T
 	r := idleResult{
 		n:          n,
 		loginRate:  float64(n) / took.Seconds(),
+		retried:    retried,
 		beamRSS:    per(base.beamRSS, loaded.beamRSS),
 		erlang:     per(base.erlangGC, loaded.erlangTotal),
 		erlangGC:   per(base.erlangGC, loaded.erlangGC),
@@ -90,11 +92,16 @@ func settle(ctx context.Context, nd *node) error {
 	return waitProcesses(ctx, nd.ej, nd.baseline+20)
 }
 
+// loginAttempts: a login that fails is tried again (and counted), as a
+// real client would; one that fails every time fails the run.
+const loginAttempts = 3
+
 // loginAll logs users prefix<first>..prefix<first+n-1> in over t with
-// c.workers logins at a time, and returns the sessions and the time taken.
-func loginAll(ctx context.Context, c config, t loadgen.Target, prefix string, first, n int) ([]loadgen.Session, time.Duration, error) {
+// c.workers logins at a time, and returns the sessions, the time taken and
+// how many logins needed another attempt.
+func loginAll(ctx context.Context, c config, t loadgen.Target, prefix string, first, n int) ([]loadgen.Session, time.Duration, int, error) {
 	sessions := make([]loadgen.Session, n)
-	var next atomic.Int64
+	var next, retried atomic.Int64
 	var firstErr error
 	var once sync.Once
 	var wg sync.WaitGroup
@@ -108,7 +115,14 @@ func loginAll(ctx context.Context, c config, t loadgen.Target, prefix string, fi
 				if i >= n {
 					return
 				}
-				s, err := loadgen.Login(ctx, c.dialer, t, prefix+strconv.Itoa(first+i), "pw")
+				var s loadgen.Session
+				var err error
+				for attempt := 1; attempt <= loginAttempts; attempt++ {
+					if s, err = loadgen.Login(ctx, c.dialer, t, prefix+strconv.Itoa(first+i), "pw"); err == nil {
+						break
+					}
+					retried.Add(1)
+				}
 				if err != nil {
 					once.Do(func() { firstErr = err })
 					next.Store(int64(n)) // the other workers stop too
@@ -122,9 +136,9 @@ func loginAll(ctx context.Context, c config, t loadgen.Target, prefix string, fi
 	took := time.Since(start)
 	if firstErr != nil {
 		closeAll(sessions)
-		return nil, 0, fmt.Errorf("login over %s at %s: %w", t.Kind, t.Addr, firstErr)
+		return nil, 0, 0, fmt.Errorf("login over %s at %s (%d attempts): %w", t.Kind, t.Addr, loginAttempts, firstErr)
 	}
-	return sessions, took, nil
+	return sessions, took, int(retried.Load()), nil
 }
 
 // closeAll logs every session out, a few at a time (a BOSH logout is an

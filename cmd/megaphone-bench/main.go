@@ -145,18 +145,22 @@ func run(ctx context.Context, c config) error {
 	started := time.Now()
 	var idle []idleResult
 	var chats []chatResult
+	var failures []string
 	for _, kind := range c.kinds {
 		for i, n := range c.ns {
 			chat := i == 0 && c.pairs > 0 && kind != loadgen.BOSH
 			rs, cs, err := runCell(ctx, c, kind, n, chat)
 			if err != nil {
-				return fmt.Errorf("%s, %d sessions: %w", kind, n, err)
+				// The other cells still run; the report names the failure.
+				failures = append(failures, fmt.Sprintf("%s, %d sessions: %v", kind, n, err))
+				fmt.Fprintln(os.Stderr, "megaphone-bench:", failures[len(failures)-1])
+				continue
 			}
 			idle = append(idle, rs...)
 			chats = append(chats, cs...)
 		}
 	}
-	report := renderReport(c, idle, chats, time.Since(started))
+	report := renderReport(c, idle, chats, failures, time.Since(started))
 	fmt.Print(report)
 	if c.out != "" {
 		if err := os.WriteFile(c.out, []byte(report), 0o644); err != nil {
@@ -167,6 +171,9 @@ func run(ctx context.Context, c config) error {
 		if err := plot(c.plots, idle, chats); err != nil {
 			return fmt.Errorf("plots: %w", err)
 		}
+	}
+	if len(failures) > 0 {
+		return fmt.Errorf("%d measurement(s) failed", len(failures))
 	}
 	return nil
 }

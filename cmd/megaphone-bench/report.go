@@ -18,7 +18,7 @@ var kindNames = map[loadgen.Kind]string{
 	loadgen.BOSH:      "BOSH",
 }
 
-func renderReport(c config, idle []idleResult, chats []chatResult, took time.Duration) string {
+func renderReport(c config, idle []idleResult, chats []chatResult, failures []string, took time.Duration) string {
 	var b strings.Builder
 	w := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
 	w("## Idle sessions (%s)\n\n", time.Now().UTC().Format("2006-01-02 15:04 MST"))
@@ -29,8 +29,12 @@ func renderReport(c config, idle []idleResult, chats []chatResult, took time.Dur
 	w("| transport | path | N | logins/s | beam RSS | Erlang mem | Erlang mem after GC | sidecar RSS | kernel | **total** | Erlang procs | ports |\n")
 	w("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range idle {
-		w("| %s | %s | %d | %.0f | %.1f | %.1f | %.1f | %.1f | %.1f | **%.1f** | %.2f | %.2f |\n", kindNames[r.kind], pathName(r.megaphone),
-			r.n, r.loginRate, r.beamRSS, r.erlang, r.erlangGC, r.sidecarRSS, r.kernel, r.total(), r.processes, r.ports)
+		rate := fmt.Sprintf("%.0f", r.loginRate)
+		if r.retried > 0 {
+			rate += fmt.Sprintf(" (%d retried)", r.retried)
+		}
+		w("| %s | %s | %d | %s | %.1f | %.1f | %.1f | %.1f | %.1f | **%.1f** | %.2f | %.2f |\n", kindNames[r.kind], pathName(r.megaphone),
+			r.n, rate, r.beamRSS, r.erlang, r.erlangGC, r.sidecarRSS, r.kernel, r.total(), r.processes, r.ports)
 	}
 	w("\n### Native vs Megaphone, total KiB per idle session\n\n")
 	w("| transport | N | native | Megaphone | Megaphone / native | ejabberd's share through Megaphone (Erlang mem) | login rate Megaphone / native |\n")
@@ -55,6 +59,9 @@ func renderReport(c config, idle []idleResult, chats []chatResult, took time.Dur
 			m, n := chats[i], chats[i+1]
 			w("| %s | %.2f | %+.2f |\n", kindNames[m.kind], m.rate/n.rate, ms(m.pacedP99)-ms(n.pacedP99))
 		}
+	}
+	for _, f := range failures {
+		w("\n**Failed:** %s\n", f)
 	}
 	w("\nMachine: %s. Run took %s. Other work (builds, tests of other engineers) may have been\n", machine(), took.Round(time.Second))
 	w("running on the machine at the same time: throughput and latency are noisy, memory much less so.\n")
