@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/megaphone-im/megaphone/etf"
 	"github.com/megaphone-im/megaphone/test/harness"
 )
 
@@ -34,7 +35,7 @@ func testBOSHChatThroughSidecar(t *testing.T, tg target) {
 		t.Errorf("sidecar %s is in nodes() = %s: it must be hidden", sc.name, visible)
 	}
 	status := eval(t, ej, "megaphone:status()")
-	if !strings.Contains(status, "protocol => 1") || !strings.Contains(status, sc.name) {
+	if !strings.Contains(status, fmt.Sprintf("protocol => %d", etf.ProtocolVersion)) || !strings.Contains(status, sc.name) {
 		t.Errorf("megaphone:status() does not show the sidecar:\n%s", status)
 	}
 	waitUntil(t, 10*time.Second, "sessions gone after logout", func() bool {
