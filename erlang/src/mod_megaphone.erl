@@ -1,7 +1,7 @@
 %% @doc The shim as an ejabberd module, for operators who configure rather
 %% than type: with the shim's ebin on ejabberd's code path
 %% (ERL_OPTIONS="-pa /opt/megaphone/ebin" in /etc/default/ejabberd), a
-%% drop-in /etc/ejabberd/modules.d/megaphone.yml
+%% drop-in /etc/ejabberd/modules.d/mod_megaphone.yml
 %%
 %%   modules:
 %%     mod_megaphone:
