@@ -235,19 +235,30 @@ func startSidecar(t *testing.T, ej *harness.Ejabberd, addr string, extra ...stri
 	}
 	s := &sidecar{t: t, addr: addr, attached: make(chan struct{}), exited: make(chan struct{})}
 	s.name = fmt.Sprintf("megaphone_e2e_%d@localhost", time.Now().UnixNano()%1e9)
+	// No admin endpoint unless a test asks for one (a later flag wins):
+	// the default address would be shared by every sidecar of the run.
 	args := append([]string{"--node", ej.Node, "--cookie-file", ej.CookieFile,
-		"--name", s.name, "--bosh-addr", addr}, extra...)
+		"--name", s.name, "--bosh-addr", addr, "--admin-addr", ""}, extra...)
 	s.cmd = exec.Command(sidecarBin, args...)
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	stderr, err := s.cmd.StderrPipe()
+	// A pipe of our own, not StderrPipe (Wait closes that one when the
+	// sidecar exits) and not io.Discard (Wait waits for its copier): a
+	// successor the sidecar started (SIGUSR2) writes on after it exits.
+	stderr, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.cmd.Stdout = io.Discard
-	if err := s.cmd.Start(); err != nil {
+	s.cmd.Stderr, s.cmd.Stdout = w, w
+	err = s.cmd.Start()
+	w.Close()
+	if err != nil {
+		stderr.Close()
 		t.Fatal(err)
 	}
-	go s.readLog(stderr)
+	go func() {
+		s.readLog(stderr)
+		stderr.Close()
+	}()
 	go func() { _ = s.cmd.Wait(); close(s.exited) }()
 	t.Cleanup(s.kill)
 	select {
