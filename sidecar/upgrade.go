@@ -78,6 +78,9 @@ type takenOver struct {
 	pause   time.Time
 }
 
+// HandedOver is closed once a new process has taken this one's sockets.
+func (s *Sidecar) HandedOver() <-chan struct{} { return s.upgrade.handedOver }
+
 // listen opens the listener for role, or carries on the one inherited.
 func (s *Sidecar) listen(role, addr string, streams bool) (*sockets.Listener, error) {
 	s.mu.Lock()

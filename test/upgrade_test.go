@@ -9,7 +9,9 @@ import (
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -35,13 +37,13 @@ func TestHotUpgradeKeepsClients(t *testing.T) { forEachTarget(t, testHotUpgradeK
 func testHotUpgradeKeepsClients(t *testing.T, tg target) {
 	u := newUpgradeRun(t, tg, false)
 	const users = 100
-	var swarm *swarm
+	var crowd *swarm
 	if tg.Name == hostTarget.Name {
 		eval(t, u.ej, fmt.Sprintf(`[ejabberd_auth:try_register(<<"user", (integer_to_binary(I))/binary>>,
 		    <<"localhost">>, <<%q>>) || I <- lists:seq(1, %d)], ok`, demoPassword, users))
-		swarm = startSwarm(t, "http://"+u.http+"/bosh", "--users", fmt.Sprint(users), "--duration", fmt.Sprint(upgradeSeconds+6),
+		crowd = startSwarm(t, "http://"+u.http+"/bosh", "--users", fmt.Sprint(users), "--duration", fmt.Sprint(upgradeSeconds+6),
 			"--interval-ms", "500", "--concurrency", "20", "--timeout", "240")
-		if got := swarm.waitReady(t); got["logged_in"] != users {
+		if got := crowd.waitReady(t); got["logged_in"] != users {
 			t.Fatalf("logged in %v of %d", got["logged_in"], users)
 		}
 	}
@@ -57,11 +59,11 @@ func testHotUpgradeKeepsClients(t *testing.T, tg target) {
 		t.Errorf("the old process did not hand over the four streams:\n%s", tail(u.old.logs(), 30))
 	}
 	u.finish()
-	if swarm != nil {
-		sw := swarm.wait(t, 2*time.Minute)
+	if crowd != nil {
+		sw := crowd.wait(t, 2*time.Minute)
 		t.Logf("BOSH swarm: %d sent, %d received", sw.Sent, sw.Received)
 		if sw.Alive != users || sw.Hung != 0 || len(sw.Terminated) != 0 || sw.OutOfOrder != 0 || sw.Received != sw.Sent {
-			t.Errorf("BOSH swarm across the upgrade: %+v\n%s", sw, tail(swarm.stderr.String(), 40))
+			t.Errorf("BOSH swarm across the upgrade: %+v\n%s", sw, tail(crowd.stderr.String(), 40))
 		}
 	}
 	res := xmppChat(t, "xmpp://"+u.c2s, "--count", "100", "--timeout", "60").wait(t, 90*time.Second)
@@ -74,7 +76,8 @@ func testHotUpgradeKeepsClients(t *testing.T, tg target) {
 // in the old process, whose link to ejabberd relays through the new one
 // until they end. Clients over STARTTLS and direct TLS chat across the
 // upgrade without noticing, while a WebSocket pair moves; new TLS clients
-// log in through the new process.
+// log in through the new process. The upgrade is the operator's: SIGUSR2
+// makes the running sidecar start its binary again as its successor.
 func TestHotUpgradeRelaysTLSStreams(t *testing.T) {
 	u := newUpgradeRun(t, hostTarget, true)
 	u.clients(map[string][]string{
@@ -82,7 +85,7 @@ func TestHotUpgradeRelaysTLSStreams(t *testing.T) {
 		"direct-tls": {"xmpp_chat.mjs", "--service", "xmpps://" + u.c2sTLS, "--domain", "localhost", "--a", "carol", "--b", "dave", "--insecure"},
 		"websocket":  {"xmpp_chat.mjs", "--service", "ws://" + u.http + "/ws", "--domain", "localhost", "--a", "erin", "--b", "frank"},
 	})
-	u.upgrade()
+	u.upgradeBySignal()
 	if !strings.Contains(u.old.logs(), `"streams_moved": 2, "streams_staying": 0`) {
 		t.Errorf("the old process did not hand over the WebSocket pair alone:\n%s", tail(u.old.logs(), 30))
 	}
@@ -236,6 +239,44 @@ func (u *upgradeRun) upgrade() {
 	if !strings.Contains(u.new.logs(), "took over the running sidecar's node") {
 		t.Fatalf("the new process did not take over:\n%s", u.new.logs())
 	}
+	u.checkPidsKept()
+}
+
+// upgradeBySignal sends the running sidecar SIGUSR2: it starts its own
+// binary with --takeover, whose log joins its own (they share stderr).
+func (u *upgradeRun) upgradeBySignal() {
+	t := u.t
+	time.Sleep(4 * time.Second) // chatting through the old process
+	if err := u.old.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	started := regexp.MustCompile(`started the new binary to take over\s+\{"path": "[^"]*", "pid": (\d+)\}`)
+	var pid int
+	waitUntil(t, 30*time.Second, "the successor takes over", func() bool {
+		logs := u.old.logs()
+		if m := started.FindStringSubmatch(logs); m != nil && pid == 0 {
+			pid, _ = strconv.Atoi(m[1])
+			t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL) }) // started by our signal
+		}
+		return strings.Contains(logs, "took over: running")
+	})
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("old and new sidecar:\n%s", tail(u.old.logs(), 80))
+		}
+	})
+	u.checkPidsKept()
+	// The successor carries on after the old process has gone.
+	select {
+	case <-u.old.exited:
+		t.Fatal("the old process exited while TLS streams still used it")
+	default:
+	}
+}
+
+// checkPidsKept checks every session kept its c2s process.
+func (u *upgradeRun) checkPidsKept() {
+	t := u.t
 	time.Sleep(4 * time.Second) // chatting through the new process
 	if during := c2sPids(eval(t, u.ej, u.sessionsQuery), u.users...); strings.Join(during, " ") != strings.Join(u.pidsBefore, " ") {
 		t.Errorf("c2s processes changed across the upgrade: before %v, after %v", u.pidsBefore, during)

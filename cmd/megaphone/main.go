@@ -103,5 +103,6 @@ func run(ctx context.Context, o options, log *zap.Logger, level zap.AtomicLevel)
 		log.Info("settings read", zap.String("config", o.configFile))
 	}
 	go reloadOnHUP(ctx, o, sc, level, log)
+	go upgradeOnUSR2(ctx, o, sc, log)
 	return sc.Run(ctx)
 }
