@@ -223,7 +223,7 @@ func ParseShimMessage(t Term) (any, error) {
 			return nil, fmt.Errorf("%w: malformed c2s_shaper", ErrNotProtocol)
 		}
 		rate, _ := Int64(tup[2])
-		return C2SShaper{ConnID: id, BytesPerSec: rate}, nil
+		return C2SShaper{ConnID: id, BytesPerSec: max(rate, 0)}, nil // none, or nonsense: no limit
 	case tag == "c2s_started" && len(tup) == 4:
 		id, ok1 := Uint64(tup[1])
 		pid, ok2 := tup[2].(Pid)
@@ -233,7 +233,8 @@ func ParseShimMessage(t Term) (any, error) {
 		}
 		started := C2SStarted{ConnID: id, C2S: pid}
 		if v, ok := info.Get("max_stanza_size"); ok {
-			started.MaxStanzaBytes, _ = Int64(v)
+			n, _ := Int64(v) // infinity: no limit
+			started.MaxStanzaBytes = max(n, 0)
 		}
 		return started, nil
 	case tag == "c2s_refused" && len(tup) == 3:

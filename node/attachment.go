@@ -338,19 +338,19 @@ func (a *Attachment) attachOnce(ctx context.Context, backoff *backoff) error {
 func (a *Attachment) serve(ctx context.Context, s *session) error {
 	select {
 	case <-s.link.Done():
-		a.dropStreams(s, "ejabberd link down")
+		a.dropStreams(s, "remote-connection-failed")
 		return fmt.Errorf("link down: %w", s.link.Err())
 	case <-ctx.Done():
 		select {
 		case <-a.handedOver:
 		default:
-			a.dropStreams(s, "sidecar stopping")
+			a.dropStreams(s, "system-shutdown")
 			return ctx.Err()
 		}
 	case <-a.handedOver:
 	}
 	<-s.link.Done()
-	a.dropStreams(s, "the new sidecar process went away")
+	a.dropStreams(s, "remote-connection-failed") // the new process went away
 	return errHandedOver
 }
 

@@ -17,6 +17,10 @@ type StreamSink interface {
 	// Close says the stream is over: c2s closed it or died, or the link
 	// to its node went down. No Write follows.
 	Close(reason string)
+	// Abort says ejabberd can no longer serve the stream (its link went
+	// down, the sidecar is stopping): the client is told with a stream
+	// error of that condition, then the stream is closed. No Write follows.
+	Abort(condition string)
 	// Shape sets how fast the client may send, in bytes per second (0:
 	// no limit): ejabberd's c2s shaper for the session.
 	Shape(bytesPerSec int64)
@@ -199,9 +203,10 @@ func (a *Attachment) streamDown(ref etf.Ref) bool {
 	return ok
 }
 
-// dropStreams ends every stream of a session whose link went down: their
-// c2s processes end too, by their monitors on the sidecar.
-func (a *Attachment) dropStreams(s *session, reason string) {
+// dropStreams ends every stream of a session whose link went down, each
+// with a stream error of the given condition: their c2s processes end too,
+// by their monitors on the sidecar.
+func (a *Attachment) dropStreams(s *session, condition string) {
 	a.mu.Lock()
 	var ids []uint64
 	for id, e := range a.streams {
@@ -211,6 +216,8 @@ func (a *Attachment) dropStreams(s *session, reason string) {
 	}
 	a.mu.Unlock()
 	for _, id := range ids {
-		a.closeStream(id, reason)
+		if e := a.takeStream(id); e != nil {
+			e.sink.Abort(condition)
+		}
 	}
 }

@@ -29,6 +29,8 @@ func (s *Sidecar) serveAdmin() (stop func()) {
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    8 << 10, // a scraper's request is small
 		ErrorLog:          zap.NewStdLog(s.log.Named("admin")),
 	}
 	done := make(chan struct{})

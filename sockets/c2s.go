@@ -23,6 +23,7 @@ import (
 type StreamSink interface {
 	Write(ev etf.Term)
 	Close(reason string)
+	Abort(condition string)
 	Shape(bytesPerSec int64)
 }
 
@@ -300,6 +301,10 @@ func learnJID(conn *Conn, ev etf.Term) {
 
 // Close ends the connection once what is queued is written (StreamSink).
 func (c *c2sConn) Close(reason string) { c.out.close() }
+
+// Abort ends the stream with a stream error: ejabberd is out of reach
+// (StreamSink).
+func (c *c2sConn) Abort(condition string) { c.streamErrorCondition(condition) }
 
 // Shape applies ejabberd's c2s shaper to what the client sends (StreamSink).
 func (c *c2sConn) Shape(bytesPerSec int64) { c.shaper.setRate(bytesPerSec) }

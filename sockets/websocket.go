@@ -208,6 +208,10 @@ func (c *wsConn) Write(ev etf.Term) {
 // Close ends the connection once what is queued is written (StreamSink).
 func (c *wsConn) Close(reason string) { c.out.close() }
 
+// Abort ends the stream with a stream error: ejabberd is out of reach
+// (StreamSink).
+func (c *wsConn) Abort(condition string) { c.streamError(condition) }
+
 // Shape applies ejabberd's c2s shaper to what the client sends (StreamSink).
 func (c *wsConn) Shape(bytesPerSec int64) { c.shaper.setRate(bytesPerSec) }
 
