@@ -32,7 +32,9 @@ type node struct {
 // that one side's sessions are gone before the next side starts.
 const boshInactivity = 5 * time.Second
 
-func startNode(ctx context.Context, c config, users int) (*node, error) {
+// startNode starts a node with users b1..b<users>; c2sPort and httpPort fix
+// ejabberd's own listeners' ports (0: free ones).
+func startNode(ctx context.Context, c config, users, c2sPort, httpPort int) (*node, error) {
 	tlsPort, err := harness.FreePort()
 	if err != nil {
 		return nil, err
@@ -52,7 +54,7 @@ listen:
     access: c2s
 `, c.cert, c.key, tlsPort)
 	ej, err := harness.Start(ctx, harness.Options{Name: "bench", StartTimeout: time.Minute, ExtraConfig: extra,
-		BOSHInactivity: boshInactivity})
+		BOSHInactivity: boshInactivity, C2SPort: c2sPort, HTTPPort: httpPort})
 	if err != nil {
 		return nil, err
 	}

@@ -49,19 +49,12 @@ func runTsung(ctx context.Context, c config) error {
 	if c.cert, c.key, err = harness.SelfSignedCert(filepath.Join(dir, "tls")); err != nil {
 		return err
 	}
-	ej, err := harness.Start(ctx, harness.Options{Name: "tsung", StartTimeout: time.Minute,
-		C2SPort: tsungNativeC2S, HTTPPort: tsungNativeHTTP, BOSHInactivity: boshInactivity})
+	nd, err := startNode(ctx, c, 1, tsungNativeC2S, tsungNativeHTTP)
 	if err != nil {
 		return err
 	}
+	ej := nd.ej
 	defer ej.Stop()
-	nd := &node{ej: ej}
-	if out, err := ej.LoadShim(ctx, c.ebin); err != nil {
-		return fmt.Errorf("shim: %v\n%s", err, out)
-	}
-	if _, err := ej.Eval(ctx, fmt.Sprintf("application:set_env(megaphone, gc_sweep_interval, %d)", sweepMs)); err != nil {
-		return err
-	}
 	if err := registerUsers(ctx, ej, "tsung", "pw", c.tsungUsers, true); err != nil {
 		return err
 	}
@@ -72,6 +65,7 @@ func runTsung(ctx context.Context, c config) error {
 		return err
 	}
 	defer sc.stop()
+	// The sidecar's own processes belong to the baseline.
 	v, err := ej.Eval(ctx, "erlang:system_info(process_count)")
 	if err != nil {
 		return err
