@@ -87,12 +87,16 @@ func TestEjabberdPausedPastTickTime(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		polled <- answer{resp.StatusCode, string(b), time.Since(start)}
 	}()
-	streamEnded := make(chan time.Duration, 1)
+	type ending struct {
+		took time.Duration
+		tail string
+	}
+	streamEnded := make(chan ending, 1)
 	go func() {
 		start := time.Now()
 		_ = stream.SetReadDeadline(time.Now().Add(100 * time.Second))
-		_, _ = io.Copy(io.Discard, stream)
-		streamEnded <- time.Since(start)
+		b, _ := io.ReadAll(stream)
+		streamEnded <- ending{time.Since(start), string(b)}
 	}()
 
 	var a answer
@@ -106,8 +110,11 @@ func TestEjabberdPausedPastTickTime(t *testing.T) {
 		t.Errorf("held poll: %d %q, want a remote-connection-failed terminate", a.code, a.body)
 	}
 	select {
-	case took := <-streamEnded:
-		t.Logf("XMPP stream closed after %s", took.Round(time.Second))
+	case e := <-streamEnded:
+		t.Logf("XMPP stream closed after %s", e.took.Round(time.Second))
+		if !strings.Contains(e.tail, "remote-connection-failed") {
+			t.Errorf("the stream ended without a remote-connection-failed stream error: %q", e.tail)
+		}
 	case <-time.After(20 * time.Second):
 		t.Error("the XMPP stream is still open after the link was declared dead")
 	}
