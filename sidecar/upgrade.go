@@ -60,13 +60,17 @@ type handoffState struct {
 
 // upgradeState is the sidecar's side of hot upgrades.
 type upgradeState struct {
-	inherited  map[string]net.Listener      // takeover: listening sockets by role
-	byRole     map[string]*sockets.Listener // the listeners serving now
-	taken      *takenOver                   // takeover: what Run still starts
-	handedOver chan struct{}                // closed once a new process took over
-	relay      *net.UnixConn                // after a handoff: the way to the new process
-	serveErr   chan error                   // where listeners report failure
-	stopAdmin  func()                       // frees the admin address for the new process
+	inherited map[string]net.Listener      // takeover: listening sockets by role
+	byRole    map[string]*sockets.Listener // the listeners serving now
+	taken     *takenOver                   // takeover: what Run still starts
+	// predecessor is closed when the process we took over from has ended:
+	// until then its relayed connections need us, even once we have
+	// handed over in turn (nil: we took over from nobody).
+	predecessor chan struct{}
+	handedOver  chan struct{} // closed once a new process took over
+	relay       *net.UnixConn // after a handoff: the way to the new process
+	serveErr    chan error    // where listeners report failure
+	stopAdmin   func()        // frees the admin address for the new process
 }
 
 // takenOver is what a takeover received and Run starts once the BOSH
@@ -119,6 +123,9 @@ func (s *Sidecar) offerHandoff(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("handoff socket: %w", err)
 	}
+	// Closing must not unlink it: after a takeover the path is the new
+	// process's, offered in turn.
+	lis.SetUnlinkOnClose(false)
 	if err := os.Chmod(path, 0o600); err != nil {
 		lis.Close()
 		return fmt.Errorf("handoff socket: %w", err)
@@ -262,7 +269,9 @@ func (s *Sidecar) handOver(uc *net.UnixConn) error {
 	}
 	_ = uc.SetDeadline(time.Time{})
 	s.upgrade.relay = uc
-	out := &relayWriter{uc: uc}
+	// The old process's writes to ejabberd wait on the new process as
+	// they would on the link (its write timeout).
+	out := &relayWriter{uc: uc, timeout: 30 * time.Second}
 	movedIDs := make([]uint64, len(moved))
 	for i, m := range moved {
 		movedIDs[i] = m.State.ConnID
@@ -363,10 +372,12 @@ func (s *Sidecar) reattachListeners(files []*os.File, roles []string) {
 }
 
 // relayWriter sends frames to the other process; its writes come from
-// many goroutines.
+// many goroutines. A process that stops reading must not hold ours for
+// long: past timeout the relay is given up (the connection closed).
 type relayWriter struct {
-	mu sync.Mutex
-	uc *net.UnixConn
+	mu      sync.Mutex
+	uc      *net.UnixConn
+	timeout time.Duration
 }
 
 func (r *relayWriter) send(kind byte, index int, payload []byte) error {
@@ -374,9 +385,12 @@ func (r *relayWriter) send(kind byte, index int, payload []byte) error {
 	b = append(b, payload...)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	// A process that stops reading must not hold ours forever.
-	_ = r.uc.SetWriteDeadline(time.Now().Add(30 * time.Second))
-	return writeHandoffFrame(r.uc, kind, b)
+	_ = r.uc.SetWriteDeadline(time.Now().Add(r.timeout))
+	err := writeHandoffFrame(r.uc, kind, b)
+	if err != nil {
+		r.uc.Close()
+	}
+	return err
 }
 
 // distFrames is what the old process's link of attachment index writes
@@ -425,7 +439,7 @@ func (s *Sidecar) lingerAfterHandoff(ctx context.Context) {
 	for i := 0; ctx.Err() == nil && time.Now().Before(deadline); i++ {
 		time.Sleep(time.Second)
 		open := s.registry.Stats().Open
-		if open == 0 {
+		if open == 0 && s.predecessorEnded() {
 			break
 		}
 		if i%10 == 0 {
@@ -448,6 +462,20 @@ func (s *Sidecar) lingerAfterHandoff(ctx context.Context) {
 		s.upgrade.relay.Close()
 	}
 	s.log.Info("the new process has everything; exiting")
+}
+
+// predecessorEnded reports whether the process this one took over from
+// (if any) has ended: its relayed connections go through us.
+func (s *Sidecar) predecessorEnded() bool {
+	if s.upgrade.predecessor == nil {
+		return true
+	}
+	select {
+	case <-s.upgrade.predecessor:
+		return true
+	default:
+		return false
+	}
 }
 
 // takeOver runs in the new process, before anything listens or dials: it
@@ -575,7 +603,10 @@ func (s *Sidecar) startTakenOver() {
 	s.upgrade.taken = nil
 	s.front.ContinueRequestIDs(t.state.LastReqID)
 	s.front.SetDraining(t.state.Draining) // the shim knows already
-	out := &relayWriter{uc: t.uc}
+	// What the new process passes back is written on its link's reader:
+	// an old process that does not take it within seconds is given up.
+	out := &relayWriter{uc: t.uc, timeout: 5 * time.Second}
+	s.upgrade.predecessor = make(chan struct{})
 	for i, a := range s.attached {
 		a.ForwardUnknown(func(d node.Delivery) {
 			term, err := etf.Encode(etf.Tuple{d.From, d.Msg})
@@ -626,6 +657,7 @@ func (s *Sidecar) startTakenOver() {
 			a.ForwardUnknown(nil)
 		}
 		t.uc.Close()
+		close(s.upgrade.predecessor)
 		s.log.Info("the old sidecar process has ended")
 	}()
 	s.log.Info("took over: running", zap.Int("streams", len(t.state.Streams)),

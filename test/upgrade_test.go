@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"regexp"
 	"sort"
@@ -77,7 +78,9 @@ func testHotUpgradeKeepsClients(t *testing.T, tg target) {
 // until they end. Clients over STARTTLS and direct TLS chat across the
 // upgrade without noticing, while a WebSocket pair moves; new TLS clients
 // log in through the new process. The upgrade is the operator's: SIGUSR2
-// makes the running sidecar start its binary again as its successor.
+// makes the running sidecar start its binary again as its successor. Then
+// a third process takes over from the second while the first still relays
+// through it: the second stays until the first has ended, then goes.
 func TestHotUpgradeRelaysTLSStreams(t *testing.T) {
 	u := newUpgradeRun(t, hostTarget, true)
 	u.clients(map[string][]string{
@@ -92,7 +95,16 @@ func TestHotUpgradeRelaysTLSStreams(t *testing.T) {
 	if !strings.Contains(u.old.logs(), `connections still here	{"open": 4`) {
 		t.Errorf("the old process did not keep the four TLS streams:\n%s", tail(u.old.logs(), 30))
 	}
+	third := startSidecar(t, u.ej, u.http, append([]string{"--takeover", u.handoff}, u.flags...)...)
+	if !strings.Contains(third.logs(), `took over: running	{"streams": 2`) {
+		t.Errorf("the third process did not take the WebSocket pair over:\n%s", third.logs())
+	}
+	u.checkPidsKept()
 	u.finish()
+	waitUntil(t, 30*time.Second, "the second process ends after the first", func() bool { return processGone(u.successor) })
+	if !strings.Contains(third.logs(), "the old sidecar process has ended") {
+		t.Errorf("the third process did not see the second end:\n%s", third.logs())
+	}
 	res := xmppChat(t, "xmpps://"+u.c2sTLS, "--count", "100", "--timeout", "60").wait(t, 90*time.Second)
 	if res.Received["a"] != 100 || res.Received["b"] != 100 {
 		t.Errorf("after the upgrade: received %v", res.Received)
@@ -116,6 +128,7 @@ type upgradeRun struct {
 	old, new      *sidecar
 	live          map[string]*nodeClient
 	pidsBefore    []string
+	successor     int // the pid of the process SIGUSR2 started
 	users         []string
 	sessionsQuery string
 }
@@ -251,11 +264,11 @@ func (u *upgradeRun) upgradeBySignal() {
 		t.Fatal(err)
 	}
 	started := regexp.MustCompile(`started the new binary to take over\s+\{"path": "[^"]*", "pid": (\d+)\}`)
-	var pid int
 	waitUntil(t, 30*time.Second, "the successor takes over", func() bool {
 		logs := u.old.logs()
-		if m := started.FindStringSubmatch(logs); m != nil && pid == 0 {
-			pid, _ = strconv.Atoi(m[1])
+		if m := started.FindStringSubmatch(logs); m != nil && u.successor == 0 {
+			pid, _ := strconv.Atoi(m[1])
+			u.successor = pid
 			t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL) }) // started by our signal
 		}
 		return strings.Contains(logs, "took over: running")
@@ -335,4 +348,16 @@ func c2sPids(sessions string, users ...string) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// processGone reports whether pid has exited (a zombie counts: its parent
+// may be an init that does not reap).
+func processGone(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	// pid (comm) state ...: the state follows the last ')'.
+	rest := string(stat[strings.LastIndexByte(string(stat), ')')+1:])
+	return strings.HasPrefix(strings.TrimSpace(rest), "Z")
 }
