@@ -52,17 +52,7 @@ func testLinkMovesToAnotherNode(t *testing.T, tg harness.Target) {
 	}
 	in := newCollector()
 	in.seqNext = seen
-	// The socket arrives as a new descriptor, as over SCM_RIGHTS.
-	f, err := old.link.conn.(*net.TCPConn).File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	moved := n.adoptLink(conn, st, in.handle)
+	moved := n.adoptLink(dupConn(t, old.link.conn), st, in.handle)
 	moved.start()
 	t.Cleanup(moved.Close)
 	in.waitFor(t, "flood end", tagged("flooded"))
@@ -169,18 +159,9 @@ func TestPauseInsideAFrame(t *testing.T) {
 	if len(st.Unread) != 7 {
 		t.Fatalf("%d bytes handed over, want the 7 of frame 2 already read", len(st.Unread))
 	}
-	f, err := ours.(*net.TCPConn).File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
 	next := newCollector()
 	next.seqNext = 1
-	moved := n.adoptLink(conn, st, next.handle)
+	moved := n.adoptLink(dupConn(t, ours), st, next.handle)
 	moved.start()
 	defer moved.Close()
 	if _, err := peer.Write(append(two[7:], frame(3)...)); err != nil {
@@ -192,4 +173,19 @@ func TestPauseInsideAFrame(t *testing.T) {
 	if next.seqErr != nil {
 		t.Error(next.seqErr)
 	}
+}
+
+// dupConn gives a socket a new descriptor, as SCM_RIGHTS does.
+func dupConn(t *testing.T, c net.Conn) net.Conn {
+	t.Helper()
+	f, err := c.(*net.TCPConn).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dup, err := net.FileConn(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dup
 }

@@ -16,6 +16,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sync"
@@ -535,28 +536,25 @@ func (s *Sidecar) takeOver(ctx context.Context) error {
 	conns := make([]net.Conn, 0, links+len(state.Streams))
 	inherited := make(map[string]net.Listener)
 	for i, fd := range fds {
-		switch {
-		case i < links || i >= links+len(state.Listeners):
-			conn, err := fileConn(fd, "handed-over socket")
-			if err != nil {
-				for _, fd := range fds[i+1:] {
-					_ = syscall.Close(fd)
-				}
-				return undo(err)
+		var closer io.Closer
+		if i < links || i >= links+len(state.Listeners) {
+			var conn net.Conn
+			if conn, err = fileConn(fd, "handed-over socket"); err == nil {
+				conns, closer = append(conns, conn), conn
 			}
-			closers = append(closers, conn.Close)
-			conns = append(conns, conn)
-		default:
-			lis, err := fileListener(fd, "handed-over listener")
-			if err != nil {
-				for _, fd := range fds[i+1:] {
-					_ = syscall.Close(fd)
-				}
-				return undo(err)
+		} else {
+			var lis net.Listener
+			if lis, err = fileListener(fd, "handed-over listener"); err == nil {
+				inherited[state.Listeners[i-links]], closer = lis, lis
 			}
-			closers = append(closers, lis.Close)
-			inherited[state.Listeners[i-links]] = lis
 		}
+		if err != nil {
+			for _, fd := range fds[i+1:] {
+				_ = syscall.Close(fd)
+			}
+			return undo(err)
+		}
+		closers = append(closers, closer.Close)
 	}
 	n, err := node.Restore(s.nodeConfig(), state.Identity)
 	if err != nil {

@@ -223,9 +223,7 @@ func (c *c2sConn) tapped(transport string) io.Reader {
 		return c.conn
 	}
 	c.tap = &tap{r: c.conn}
-	c.raw.mu.Lock()
-	c.raw.mover = c
-	c.raw.mu.Unlock()
+	c.raw.canMove(c, nil)
 	return c.tap
 }
 
@@ -237,9 +235,7 @@ const resumeHeader = "<stream:stream>"
 // stream that is already open.
 func (c *c2sConn) resumeParser(unread []byte, maxStanza int64) *xmlstream.Parser {
 	c.tap = &tap{r: io.MultiReader(strings.NewReader(resumeHeader), bytes.NewReader(unread), c.raw)}
-	c.raw.mu.Lock()
-	c.raw.mover = c
-	c.raw.mu.Unlock()
+	c.raw.canMove(c, nil)
 	p := xmlstream.NewParser(c.tap, xmlstream.Limits{MaxStanzaBytes: maxStanza})
 	// The header is the tap's first read on its own (MultiReader reads
 	// one part at a time), so this returns without touching the socket.
@@ -249,14 +245,11 @@ func (c *c2sConn) resumeParser(unread []byte, maxStanza int64) *xmlstream.Parser
 }
 
 func (c *c2sConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
-	if !c.handoff.requested.Load() && c.out.isClosing() {
-		return nil, errors.New("stream closing")
-	}
-	if err := c.handoff.pause(c.raw, deadline); err != nil {
+	st, err := c.handoff.stopReader(c.raw, c.out, &c.shaper, deadline)
+	if err != nil {
 		return nil, err
 	}
-	st := StreamState{ConnID: c.raw.ID, Transport: "tcp", Peer: c.raw.Peer.String(), Opened: c.raw.Opened,
-		Unread: c.tap.unconsumed(), ShaperRate: c.shaper.rate.Load(), MaxStanza: c.handoff.maxStanza.Load()}
+	st.Transport, st.Unread = "tcp", c.tap.unconsumed()
 	return &MovingStream{State: st, conn: c.raw, out: c.out, writer: c.write, finish: c.closeConn,
 		decide: c.handoff.decision, afterStop: func(st *StreamState) {
 			c.mu.Lock()
@@ -272,6 +265,27 @@ func (c *c2sConn) park() *xmlstream.Parser {
 		return nil
 	}
 	return c.resumeParser(c.tap.unconsumed(), c.handoff.maxStanza.Load())
+}
+
+// canMove registers the stream that may move with the connection, and
+// the tap that records its bytes (WebSocket only).
+func (c *Conn) canMove(m streamMover, rec *wsTap) {
+	c.mu.Lock()
+	c.mover, c.recorder = m, rec
+	c.mu.Unlock()
+}
+
+// stopReader pauses an open stream's reader (see pause) and returns what
+// every moving stream's state has.
+func (h *streamHandoff) stopReader(conn *Conn, out *outbox, shaper *shaper, deadline time.Time) (StreamState, error) {
+	if !h.requested.Load() && out.isClosing() {
+		return StreamState{}, errors.New("stream closing")
+	}
+	if err := h.pause(conn, deadline); err != nil {
+		return StreamState{}, err
+	}
+	return StreamState{ConnID: conn.ID, Peer: conn.Peer.String(), Opened: conn.Opened,
+		ShaperRate: shaper.rate.Load(), MaxStanza: h.maxStanza.Load()}, nil
 }
 
 // pause asks the stream's reader to stop at its next boundary: a read

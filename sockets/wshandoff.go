@@ -125,10 +125,7 @@ func wsFrameSize(h []byte) (size int64, fin, control, ok bool) {
 // sent before the handshake completed, so nothing is buffered yet.
 func (c *wsConn) startTap() {
 	c.tap = &wsTap{}
-	c.conn.mu.Lock()
-	c.conn.recorder = c.tap
-	c.conn.mover = c
-	c.conn.mu.Unlock()
+	c.conn.canMove(c, c.tap)
 }
 
 // resumedConn is a WebSocket's socket as the resumed gorilla Conn sees it:
@@ -196,10 +193,7 @@ func (c *wsConn) resumeWebSocket(unread []byte, maxStanza int64) error {
 	ws.SetReadLimit(maxStanza + 1024)
 	c.ws = ws
 	c.tap = tap
-	c.conn.mu.Lock()
-	c.conn.recorder = tap
-	c.conn.mover = c
-	c.conn.mu.Unlock()
+	c.conn.canMove(c, tap)
 	return nil
 }
 
@@ -231,19 +225,15 @@ func (c *wsConn) pumpMessages(stream Stream, limits xmlstream.Limits) error {
 }
 
 func (c *wsConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
-	if !c.handoff.requested.Load() && c.out.isClosing() {
-		return nil, errors.New("stream closing")
-	}
-	if err := c.handoff.pause(c.conn, deadline); err != nil {
-		return nil, err
-	}
-	unread, err := c.tap.unconsumed()
+	st, err := c.handoff.stopReader(c.conn, c.out, &c.shaper, deadline)
 	if err != nil {
-		c.handoff.decision <- false
 		return nil, err
 	}
-	st := StreamState{ConnID: c.conn.ID, Transport: "websocket", Peer: c.conn.Peer.String(), Opened: c.conn.Opened,
-		Unread: unread, ShaperRate: c.shaper.rate.Load(), MaxStanza: c.handoff.maxStanza.Load()}
+	if st.Unread, err = c.tap.unconsumed(); err != nil {
+		c.handoff.decision <- false // it stays, and reads on
+		return nil, err
+	}
+	st.Transport = "websocket"
 	return &MovingStream{State: st, conn: c.conn, out: c.out, writer: c.write, finish: c.closeConn,
 		decide: c.handoff.decision}, nil
 }

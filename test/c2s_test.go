@@ -3,7 +3,6 @@ package test
 import (
 	"crypto/tls"
 	"encoding/base64"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -29,14 +28,7 @@ func startStreamSidecar(t *testing.T, ej *harness.Ejabberd, extra ...string) *st
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := func() string {
-		p, err := harness.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return fmt.Sprintf("127.0.0.1:%d", p)
-	}
-	c2s, c2sTLS := addr(), addr()
+	c2s, c2sTLS := freeAddr(t), freeAddr(t)
 	args := append([]string{"--c2s-addr", c2s, "--c2s-tls-addr", c2sTLS, "--tls-cert", cert, "--tls-key", key}, extra...)
 	return &streamSidecar{sidecar: startSidecar(t, ej, "", args...), c2s: c2s, c2sTLS: c2sTLS}
 }

@@ -209,6 +209,16 @@ const leftoverExpr = `length([P || P <- erlang:processes(),
         _ -> false
     end])`
 
+// freeAddr returns a free loopback address to listen on.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	p, err := harness.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("127.0.0.1:%d", p)
+}
+
 // sidecar is one run of the real megaphone binary.
 type sidecar struct {
 	t    *testing.T

@@ -148,14 +148,7 @@ func newUpgradeRun(t *testing.T, tg target, withTLS bool) *upgradeRun {
 			t.Fatal(err)
 		}
 	}
-	addr := func() string {
-		p, err := harness.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return fmt.Sprintf("127.0.0.1:%d", p)
-	}
-	u.c2s, u.http = addr(), addr()
+	u.c2s, u.http = freeAddr(t), freeAddr(t)
 	u.handoff = filepath.Join(t.TempDir(), "handoff.sock")
 	// Without a certificate the c2s listener serves plain XMPP, which moves.
 	u.flags = []string{"--c2s-addr", u.c2s, "--admin-addr", "", "--handoff-socket", u.handoff}
@@ -164,7 +157,7 @@ func newUpgradeRun(t *testing.T, tg target, withTLS bool) *upgradeRun {
 		if err != nil {
 			t.Fatal(err)
 		}
-		u.c2sTLS = addr()
+		u.c2sTLS = freeAddr(t)
 		u.flags = append(u.flags, "--c2s-tls-addr", u.c2sTLS, "--tls-cert", cert, "--tls-key", key)
 	}
 	u.old = startSidecar(t, u.ej, u.http, u.flags...)
