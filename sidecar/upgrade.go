@@ -185,21 +185,20 @@ func (s *Sidecar) handOver(uc *net.UnixConn) error {
 	var paused []*node.Attachment
 	var moving []*sockets.MovingStream
 	defer func() {
+		if !committed {
+			// The new process touched nothing: carry on as before.
+			s.log.Info("takeover: resuming what was paused", zap.Int("links", len(paused)), zap.Int("streams", len(moving)))
+			for _, a := range paused {
+				a.Resume()
+			}
+			for _, m := range moving {
+				m.Resume()
+			}
+			s.reattachListeners(files, roles)
+		}
 		for _, f := range files {
 			f.Close()
 		}
-		if committed {
-			return
-		}
-		// The new process touched nothing: carry on as before.
-		s.log.Info("takeover: resuming what was paused", zap.Int("links", len(paused)), zap.Int("streams", len(moving)))
-		for _, a := range paused {
-			a.Resume()
-		}
-		for _, m := range moving {
-			m.Resume()
-		}
-		s.reattachListeners(files, roles)
 	}()
 
 	// Readers stop at a stanza boundary, then the links at a frame
@@ -359,8 +358,11 @@ func (s *Sidecar) reattachListeners(files []*os.File, roles []string) {
 	s.mu.Lock()
 	s.upgrade.inherited = make(map[string]net.Listener)
 	for i, f := range files {
+		// The same listening socket: what queued meanwhile is still there.
 		if lis, err := net.FileListener(f); err == nil {
 			s.upgrade.inherited[roles[i]] = lis
+		} else {
+			s.log.Error("takeover undone: a listener could not be taken back; listening afresh", zap.Error(err))
 		}
 	}
 	s.mu.Unlock()

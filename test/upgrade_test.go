@@ -225,6 +225,9 @@ func (u *upgradeRun) failedTakeovers() {
 	waitUntil(t, 10*time.Second, "the old process carries on after two failed takeovers", func() bool {
 		return strings.Count(u.old.logs(), "takeover failed; carrying on") == 2
 	})
+	if strings.Contains(u.old.logs(), "listening afresh") {
+		t.Errorf("a failed takeover lost a listening socket (and what queued on it):\n%s", tail(u.old.logs(), 20))
+	}
 	if !strings.Contains(u.old.logs(), `resuming what was paused	{"links": 1, "streams": 4}`) {
 		t.Errorf("the second takeover did not fail with the link and the four streams paused:\n%s", tail(u.old.logs(), 20))
 	}
