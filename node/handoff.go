@@ -66,6 +66,7 @@ type LinkHandoff struct {
 	UnlinkIDs uint64
 }
 
+// MonitorState is a peer process's monitor on our pid, carried over.
 type MonitorState struct {
 	From etf.Pid
 	Ref  etf.Ref
