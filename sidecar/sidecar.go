@@ -36,6 +36,7 @@ type Config struct {
 	TLSKey     string
 
 	Limits           sockets.Limits
+	TickInterval     time.Duration // the distribution link's tick (0: node's default)
 	HandshakeTimeout time.Duration // a stream's opening, TLS included
 	MaxWait          time.Duration // the longest a BOSH request waits for ejabberd
 	ShutdownGrace    time.Duration // how long a drain on shutdown waits for streams
@@ -124,7 +125,8 @@ func New(cfg Config) (*Sidecar, error) {
 }
 
 func (s *Sidecar) nodeConfig() node.Config {
-	return node.Config{Name: s.cfg.Name, Cookie: s.cfg.Cookie, EPMDPort: s.cfg.EPMDPort, Controller: s, Logger: s.cfg.Logger}
+	return node.Config{Name: s.cfg.Name, Cookie: s.cfg.Cookie, EPMDPort: s.cfg.EPMDPort,
+		TickInterval: s.cfg.TickInterval, Controller: s, Logger: s.cfg.Logger}
 }
 
 // Run attaches to ejabberd and serves clients until ctx ends, then drains:

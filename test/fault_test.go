@@ -13,21 +13,22 @@ import (
 	"github.com/megaphone-im/megaphone/test/harness"
 )
 
-// ejabberd frozen (SIGSTOP) for longer than the link's tick silence (65 s:
-// four 15 s ticks and a margin), then thawed: the sidecar declares the
+// ejabberd frozen (SIGSTOP) for longer than the link's tick silence (13 s
+// with --tick-interval 2s: four ticks and a margin), then thawed: the sidecar declares the
 // link dead, answers the BOSH long-poll it was holding with a
 // remote-connection-failed terminate, closes the XMPP stream whose c2s it
 // can no longer reach, survives, re-attaches once ejabberd runs again,
 // and new logins work; neither side keeps anything of the old streams.
 func TestEjabberdPausedPastTickTime(t *testing.T) {
 	if testing.Short() {
-		t.Skip("pauses ejabberd for over a minute")
+		t.Skip("pauses ejabberd for a quarter of a minute")
 	}
 	// BOSH sessions end soon after their last request, so that the end
 	// can check nothing is left.
 	ej := startEjabberd(t, harness.Options{BOSHInactivity: 5 * time.Second})
 	base := evalInt(t, ej, leftoverExpr)
-	sc := startStreamSidecar(t, ej)
+	// A 2 s tick: the link is declared dead after 13 s of silence, not 65.
+	sc := startStreamSidecar(t, ej, "--tick-interval", "2s")
 	fds := sc.openFiles(t)
 
 	const ns = "http://jabber.org/protocol/httpbind"

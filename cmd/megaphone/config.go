@@ -30,6 +30,7 @@ const configEnv = envPrefix + "CONFIG"
 type options struct {
 	configFile    string
 	nodes         []string
+	tickInterval  time.Duration
 	carrier       string
 	name          string
 	cookieFile    string
@@ -81,6 +82,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.boshAddr, "bosh-addr", "127.0.0.1:5280", "BOSH HTTP listen address (empty: off)")
 	fs.StringVar(&o.c2sAddr, "c2s-addr", "", "XMPP client listen address, e.g. 127.0.0.1:5222 (empty: off); STARTTLS is required when --tls-cert is set")
 	fs.StringVar(&o.c2sTLSAddr, "c2s-tls-addr", "", "XMPP direct-TLS (XEP-0368) listen address, e.g. 127.0.0.1:5223 (empty: off; needs --tls-cert)")
+	fs.DurationVar(&o.tickInterval, "tick-interval", 15*time.Second, "how often an idle distribution link ticks; the link is declared dead after 4 ticks (plus 5 s) of silence from ejabberd. Set it to ejabberd's net_ticktime/4 (the default suits net_ticktime 60)")
 	fs.DurationVar(&o.handshake, "handshake-timeout", 30*time.Second, "how long a client stream may take to open (header, STARTTLS, TLS handshake)")
 	fs.StringVar(&o.wsPath, "ws-path", "/ws", "URL path of XMPP over WebSocket (RFC 7395) on the HTTP listener (empty: off)")
 	fs.StringVar(&o.tlsCert, "tls-cert", "", "PEM certificate chain for client TLS (reloaded on SIGHUP)")
