@@ -19,11 +19,12 @@ import (
 )
 
 const (
-	sidecarBOSH = "127.0.0.1:5280" // BOSH at /bosh, WebSocket at /ws
-	sidecarC2S  = "127.0.0.1:5222" // XMPP, STARTTLS required
-	sidecarTLS  = "127.0.0.1:5223" // XMPP, direct TLS
-	nativeC2S   = 5322             // ejabberd's own listeners, for side-by-side comparison
-	nativeHTTP  = 5380
+	sidecarBOSH  = "127.0.0.1:5280" // BOSH at /bosh, WebSocket at /ws
+	sidecarC2S   = "127.0.0.1:5222" // XMPP, STARTTLS required
+	sidecarTLS   = "127.0.0.1:5223" // XMPP, direct TLS
+	sidecarAdmin = "127.0.0.1:9280" // /metrics, /healthz, /loglevel
+	nativeC2S    = 5322             // ejabberd's own listeners, for side-by-side comparison
+	nativeHTTP   = 5380
 )
 
 func main() {
@@ -76,7 +77,8 @@ func run() error {
 		return err
 	}
 	sidecar := exec.Command(bin, "--node", ej.Node, "--cookie-file", ej.CookieFile, "--bosh-addr", sidecarBOSH,
-		"--c2s-addr", sidecarC2S, "--c2s-tls-addr", sidecarTLS, "--tls-cert", cert, "--tls-key", key)
+		"--c2s-addr", sidecarC2S, "--c2s-tls-addr", sidecarTLS, "--tls-cert", cert, "--tls-key", key,
+		"--admin-addr", sidecarAdmin)
 	sidecar.Stdout, sidecar.Stderr = os.Stdout, os.Stderr
 	sidecar.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	if err := sidecar.Start(); err != nil {
@@ -95,6 +97,7 @@ func run() error {
  XMPP, direct TLS:           %s   (self-signed certificate in %s)
  ejabberd's own BOSH:        http://127.0.0.1:%d/bosh   (for comparison)
  ejabberd's own XMPP (c2s):  127.0.0.1:%d
+ Sidecar metrics:            http://%s/metrics   (also /healthz, /loglevel)
 
  Demo users:                 alice@localhost, bob@localhost
  Password:                   %s   (set DEMO_PASSWORD to change)
@@ -104,10 +107,10 @@ func run() error {
  Logs:                       %s
 
  Shell on the node:          HOME=%s erl -sname ctl -hidden -remsh %s
-   then: megaphone:status().
+   then: megaphone:status().  megaphone:connections().
  Ctrl-C stops everything.
 ================================================================
-`, sidecarBOSH, sidecarBOSH, sidecarC2S, sidecarTLS, filepath.Dir(cert), nativeHTTP, nativeC2S, password, ej.Node, ej.CookieFile, ej.LogFile, ej.Dir, ej.Node)
+`, sidecarBOSH, sidecarBOSH, sidecarC2S, sidecarTLS, filepath.Dir(cert), nativeHTTP, nativeC2S, sidecarAdmin, password, ej.Node, ej.CookieFile, ej.LogFile, ej.Dir, ej.Node)
 
 	select {
 	case err := <-exited:
