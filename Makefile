@@ -43,7 +43,7 @@ vet:
 unit-test: vet go-unit eunit
 
 go-unit:
-	$(GO) test -race -count=1 ./etf/... ./node/... ./bosh/... ./sockets/... ./xmlstream/... ./metrics/... ./cmd/megaphone/...
+	$(GO) test -race -count=1 ./etf/... ./node/... ./bosh/... ./sockets/... ./xmlstream/... ./metrics/... ./sidecar/... ./cmd/megaphone/...
 
 eunit:
 	$(REBAR3) eunit
@@ -52,7 +52,7 @@ eunit:
 # find the sidecar binary and the shim through these variables.
 integration: build
 	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
-		$(GO) test -count=1 -timeout 15m -v ./test/...
+		$(GO) test -count=1 -timeout 18m -v ./test/...
 
 test: deps deps-trixie build unit-test fuzz-short integration
 
