@@ -205,7 +205,7 @@ func runSide(ctx context.Context, c config, kind loadgen.Kind, n int, chat, mega
 	if chat && 2*c.pairs > users {
 		users = 2 * c.pairs
 	}
-	nd, err := startNode(ctx, c, users, 0, 0)
+	nd, err := startNode(ctx, c, users, harness.Options{BOSHInactivity: boshInactivity})
 	if err != nil {
 		return r, cr, err
 	}

@@ -28,10 +28,11 @@ const (
 
 var maxUsersAttr = regexp.MustCompile(`maxnumber="(\d+)"`)
 
-// runTsung serves both paths on the fixed ports, registers tsung1..tsungN
-// in one loop on the node, and runs every scenario in c.tsungDir in turn,
-// measuring the node, the sidecar and the kernel while Tsung's users sit
-// idle: the same figures as the Go load generator's, from an outside tool.
+// runTsung runs every scenario in c.tsungDir in turn against both paths
+// served on the fixed ports, with tsung1..tsungN registered in one loop on
+// the node, measuring the node, the sidecar and the kernel while Tsung's
+// users sit idle: the same figures as the Go load generator's, from an
+// outside tool.
 func runTsung(ctx context.Context, c config) error {
 	if _, err := exec.LookPath("tsung"); err != nil {
 		return fmt.Errorf("tsung not found (scripts/bench-deps.sh installs it): %w", err)
@@ -49,29 +50,6 @@ func runTsung(ctx context.Context, c config) error {
 	if c.cert, c.key, err = harness.SelfSignedCert(filepath.Join(dir, "tls")); err != nil {
 		return err
 	}
-	nd, err := startNode(ctx, c, 1, tsungNativeC2S, tsungNativeHTTP)
-	if err != nil {
-		return err
-	}
-	ej := nd.ej
-	defer ej.Stop()
-	if err := registerUsers(ctx, ej, "tsung", "pw", c.tsungUsers, true); err != nil {
-		return err
-	}
-	c2s := fmt.Sprintf("127.0.0.1:%d", tsungMegaphoneC2S)
-	sc, err := launchSidecar(ctx, c, nd, []string{"--node", ej.Node, "--cookie-file", ej.CookieFile, "--log-level", "warn",
-		"--admin-addr", "", "--c2s-addr", c2s, "--bosh-addr", fmt.Sprintf("127.0.0.1:%d", tsungMegaphoneHTTP)}, loadgen.Target{Addr: c2s})
-	if err != nil {
-		return err
-	}
-	defer sc.stop()
-	// The sidecar's own processes belong to the baseline.
-	v, err := ej.Eval(ctx, "erlang:system_info(process_count)")
-	if err != nil {
-		return err
-	}
-	nd.baseline, _ = strconv.Atoi(strings.TrimSpace(v))
-
 	// Tsung's logs outlive the run, for a look at what it saw.
 	logs, err := os.MkdirTemp("", "megaphone-tsung-logs-")
 	if err != nil {
@@ -80,7 +58,7 @@ func runTsung(ctx context.Context, c config) error {
 	fmt.Fprintln(os.Stderr, "Tsung logs in", logs)
 	var rows []string
 	for _, file := range scenarios {
-		row, err := runScenario(ctx, nd, sc, file, filepath.Join(logs, strings.TrimSuffix(filepath.Base(file), ".xml")))
+		row, err := tsungScenario(ctx, c, file, filepath.Join(logs, strings.TrimSuffix(filepath.Base(file), ".xml")))
 		if err != nil {
 			return fmt.Errorf("%s: %w", file, err)
 		}
@@ -89,9 +67,11 @@ func runTsung(ctx context.Context, c config) error {
 	}
 	report := fmt.Sprintf(`## Tsung 1.7 scenarios (%s)
 
-Each scenario in %s logs its users in and holds them idle; the bench measures
-while they sit (KiB per session, growth over the baseline / sessions seen).
-Total = beam RSS + sidecar RSS + kernel.
+Each scenario in %s runs against a fresh node and sidecar, logs its users in
+and holds them idle; the bench measures while they sit (KiB per session,
+growth over the baseline / sessions seen: Tsung draws user names at random,
+so a name drawn twice replaces its earlier session). Total = beam RSS +
+sidecar RSS + kernel.
 
 | scenario | sessions | beam RSS | Erlang mem | Erlang mem after GC | sidecar RSS | kernel | **total** | Erlang procs | what Tsung saw |
 |---|---|---|---|---|---|---|---|---|---|
@@ -104,6 +84,34 @@ Machine: %s. Other work may have been running on the machine at the same time.
 		return os.WriteFile(c.out, []byte(report), 0o644)
 	}
 	return nil
+}
+
+// tsungScenario runs one scenario against a fresh node and sidecar (as
+// the Go load generator's sides do, so that no scenario grows into
+// another's leftovers), both paths served on the fixed ports.
+func tsungScenario(ctx context.Context, c config, file, logDir string) (string, error) {
+	nd, err := startNode(ctx, c, 1, harness.Options{C2SPort: tsungNativeC2S, HTTPPort: tsungNativeHTTP})
+	if err != nil {
+		return "", err
+	}
+	defer nd.ej.Stop()
+	if err := registerUsers(ctx, nd.ej, "tsung", "pw", c.tsungUsers, true); err != nil {
+		return "", err
+	}
+	c2s := fmt.Sprintf("127.0.0.1:%d", tsungMegaphoneC2S)
+	sc, err := launchSidecar(ctx, c, nd, []string{"--node", nd.ej.Node, "--cookie-file", nd.ej.CookieFile, "--log-level", "warn",
+		"--admin-addr", "", "--c2s-addr", c2s, "--bosh-addr", fmt.Sprintf("127.0.0.1:%d", tsungMegaphoneHTTP)}, loadgen.Target{Addr: c2s})
+	if err != nil {
+		return "", err
+	}
+	defer sc.stop()
+	// The sidecar's own processes belong to the baseline.
+	v, err := nd.ej.Eval(ctx, "erlang:system_info(process_count)")
+	if err != nil {
+		return "", err
+	}
+	nd.baseline, _ = strconv.Atoi(strings.TrimSpace(v))
+	return runScenario(ctx, nd, sc, file, logDir)
 }
 
 func runScenario(ctx context.Context, nd *node, sc *sidecar, file, logDir string) (string, error) {
