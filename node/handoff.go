@@ -82,8 +82,10 @@ const pauseTimeout = 5 * time.Second
 func (l *Link) pause() (LinkHandoff, error) {
 	l.pausing.Store(true)
 	deadline := time.Now().Add(pauseTimeout)
-	// The reader re-arms its own deadline before each frame, so ours is
-	// set again until it has parked (bounded by pauseTimeout).
+	// The reader parks at its next frame boundary; if it waits in a read,
+	// a deadline in the past ends the wait. It re-arms its own deadline
+	// before each read, so ours is set again until it has parked (bounded
+	// by pauseTimeout).
 	for parked := false; !parked; {
 		_ = l.conn.SetReadDeadline(time.Now().Add(-time.Second))
 		select {

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"encoding/binary"
 	"net"
 	"testing"
@@ -21,23 +22,36 @@ func TestLinkMovesToAnotherNode(t *testing.T) { forEachPeer(t, testLinkMovesToAn
 
 func testLinkMovesToAnotherNode(t *testing.T, tg harness.Target) {
 	p := startPeer(t, tg)
-	old := dialPeer(t, p, Config{Name: "megaphone_handoff@localhost"})
+	old, reached, gate := dialGated(t, p, Config{Name: "megaphone_handoff@localhost"}, 1000)
 	self := old.node.Self()
 	old.send(t, etf.Tuple{etf.Atom("link"), self})
 	old.in.waitFor(t, "linked", tagged("linked"))
 
 	const count = 200000
 	old.send(t, etf.Tuple{etf.Atom("flood"), self, count})
-	waitSeq(t, old.in, 1000) // into the flood
-	st, err := old.link.pause()
-	if err != nil {
+	<-reached // the reader waits inside the flood
+	paused := make(chan error, 1)
+	var st LinkHandoff
+	go func() {
+		var err error
+		st, err = old.link.pause()
+		paused <- err
+	}()
+	// The reader is to find the pause asked for at its next frame, with
+	// frames of the flood still in its buffer, which move with the link.
+	for deadline := time.Now().Add(5 * time.Second); !old.link.pausing.Load() && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	close(gate)
+	if err := <-paused; err != nil {
 		t.Fatal(err)
 	}
 	old.in.mu.Lock()
 	seen := old.in.seqNext
 	old.in.mu.Unlock()
-	if seen == count {
-		t.Errorf("paused after the whole flood: the move was not tested under load")
+	if seen == count || len(st.Unread) == 0 {
+		t.Errorf("paused after %d of %d messages with %d bytes read ahead: the move was not tested under load",
+			seen, count, len(st.Unread))
 	}
 	if len(st.Links) != 1 {
 		t.Errorf("the paused link carries %d links, want the peer's one", len(st.Links))
@@ -79,11 +93,17 @@ func TestPausedLinkResumes(t *testing.T) { forEachPeer(t, testPausedLinkResumes)
 
 func testPausedLinkResumes(t *testing.T, tg harness.Target) {
 	p := startPeer(t, tg)
-	cn := dialPeer(t, p, Config{Name: "megaphone_resume@localhost"})
+	cn, reached, gate := dialGated(t, p, Config{Name: "megaphone_resume@localhost"}, 1000)
 	const count = 100000
 	cn.send(t, etf.Tuple{etf.Atom("flood"), cn.node.Self(), count})
-	waitSeq(t, cn.in, 1000)
-	if _, err := cn.link.pause(); err != nil {
+	<-reached
+	paused := make(chan error, 1)
+	go func() {
+		_, err := cn.link.pause()
+		paused <- err
+	}()
+	close(gate)
+	if err := <-paused; err != nil {
 		t.Fatal(err)
 	}
 	cn.link.resume()
@@ -188,4 +208,30 @@ func dupConn(t *testing.T, c net.Conn) net.Conn {
 		t.Fatal(err)
 	}
 	return dup
+}
+
+// dialGated is dialPeer with a reader that, at message {seq, at}, waits
+// until gate is closed (reached says it is there): a flood is then surely
+// still under way when the test acts.
+func dialGated(t *testing.T, p *peerNode, cfg Config, at int64) (cn *connected, reached <-chan struct{}, gate chan struct{}) {
+	t.Helper()
+	cfg.Cookie, cfg.Logger = p.cookie, zaptest.NewLogger(t)
+	n, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newCollector()
+	here, gate := make(chan struct{}), make(chan struct{})
+	link, err := n.Dial(context.Background(), p.name, func(l *Link, d Delivery) {
+		if m, ok := d.Msg.(etf.Tuple); ok && len(m) == 2 && m[0] == etf.Atom("seq") && m[1] == at {
+			close(here)
+			<-gate
+		}
+		c.handle(l, d)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(link.Close)
+	return &connected{node: n, link: link, in: c}, here, gate
 }

@@ -238,6 +238,11 @@ func (l *Link) tickLoop(interval time.Duration) {
 func (l *Link) readLoop(silence time.Duration) {
 	var head [4]byte
 	for {
+		// A frame boundary: a takeover stops the reader here, even while
+		// frames keep coming (the deadline below would undo its own).
+		if l.pausing.Load() && l.parkReader(nil) {
+			return
+		}
 		_ = l.conn.SetReadDeadline(time.Now().Add(silence))
 		if got, err := io.ReadFull(l.reader, head[:]); err != nil {
 			if l.parkReader(head[:got]) {
