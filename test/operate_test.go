@@ -98,7 +98,7 @@ func TestShellCommands(t *testing.T) {
 			t.Logf("sidecar log:\n%s", tail(sc.logs(), 80))
 		}
 	})
-	chat := startClient(t, sc.url(), "--mode", "live", "--duration", "40", "--interval-ms", "250", "--timeout", "150")
+	chat := startClient(t, sc.url(), "--mode", "live", "--duration", "25", "--interval-ms", "250", "--timeout", "120")
 	chat.waitReady(t)
 	carol := rawLogin(t, sc.c2sTLS, "carol")
 	defer carol.Close()
