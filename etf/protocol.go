@@ -10,7 +10,10 @@ import (
 // Erlang term; docs/PROTOCOL.md is the reference and must match this file.
 const (
 	// ProtocolVersion is the newest protocol version this sidecar speaks.
-	ProtocolVersion = 2
+	ProtocolVersion = 3
+	// TokenVersion is the first version whose welcome carries a token that
+	// the sidecar's messages to the session must carry (see FromSidecar).
+	TokenVersion = 3
 	// MinProtocolVersion is the oldest version this sidecar still speaks.
 	MinProtocolVersion = 1
 	// ListenerName is the name the shim registers on the ejabberd node; the
@@ -54,6 +57,19 @@ type Welcome struct {
 	Node     string
 	OTP      string
 	Ejabberd string
+	// Token is the session's secret (version 3 on): every message to the
+	// session goes wrapped with it (FromSidecar).
+	Token []byte
+}
+
+// FromSidecar wraps a message to the shim's session for a protocol version:
+// from version 3 on, {from_sidecar, Token, Msg}, so that the session can
+// tell its sidecar's messages from anyone else's; before, msg itself.
+func FromSidecar(version int, token []byte, msg Term) Term {
+	if version < TokenVersion {
+		return msg
+	}
+	return Tuple{Atom("from_sidecar"), token, msg}
 }
 
 // Refused rejects a hello: {megaphone_refused, Reason, SupportedVersions}.
@@ -251,13 +267,20 @@ func ParseShimMessage(t Term) (any, error) {
 		if !ok1 || !ok2 || !ok3 {
 			return nil, fmt.Errorf("%w: malformed welcome", ErrNotProtocol)
 		}
-		return Welcome{
+		w := Welcome{
 			Session:  pid,
 			Version:  int(ver),
 			Node:     textOf(info, "node"),
 			OTP:      textOf(info, "otp_release"),
 			Ejabberd: textOf(info, "ejabberd"),
-		}, nil
+		}
+		if tok, ok := info.Get("token"); ok {
+			w.Token, _ = tok.([]byte)
+		}
+		if w.Version >= TokenVersion && len(w.Token) == 0 {
+			return nil, fmt.Errorf("%w: welcome to version %d without its token", ErrNotProtocol, w.Version)
+		}
+		return w, nil
 	case tag == atomRefused && len(tup) == 3:
 		reason, _ := tup[1].([]byte)
 		var supported []int

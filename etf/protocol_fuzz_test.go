@@ -17,6 +17,7 @@ var shimMessageSeeds = []Term{
 	Tuple{Atom("c2s_started"), 1, Pid{Node: "e@h", ID: 1, Creation: 2}, Map{{Key: Atom("max_stanza_size"), Value: Atom("infinity")}}},
 	Tuple{Atom("c2s_refused"), 1, "no"},
 	Tuple{Atom("megaphone_welcome"), Pid{Node: "e@h", ID: 3}, 1, Map{{Key: Atom("node"), Value: Atom("e@h")}, {Key: Atom("ejabberd"), Value: "23.01"}}},
+	Tuple{Atom("megaphone_welcome"), Pid{Node: "e@h", ID: 3}, int64(3), Map{{Key: Atom("token"), Value: []byte("0123456789abcdef")}}},
 	Tuple{Atom("megaphone_refused"), "no common version", List{2, 3}},
 	Tuple{Atom("megaphone_control"), Pid{Node: "e@h", ID: 3}, Ref{Node: "e@h", IDs: []uint32{1, 2, 3}}, Atom("status")},
 	Tuple{Atom("megaphone_control"), Pid{Node: "e@h", ID: 3}, Ref{Node: "e@h", IDs: []uint32{1, 2, 3}}, Tuple{Atom("kick"), 7}},

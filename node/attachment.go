@@ -75,7 +75,13 @@ type session struct {
 	link    *Link
 	shim    etf.Pid
 	version int
+	token   []byte  // the session's secret, echoed in every message (version 3 on)
 	monitor etf.Ref // our monitor on the shim's session process
+}
+
+// send sends msg to the shim's session, wrapped as its version wants.
+func (s *session) send(msg etf.Term) error {
+	return s.link.Send(s.shim, etf.FromSidecar(s.version, s.token, msg))
 }
 
 // Attach starts attaching to the shim on peer and keeps at it until ctx
@@ -200,7 +206,7 @@ func (a *Attachment) ProcessBOSH(ctx context.Context, req etf.BOSHRequest) (etf.
 		delete(a.pending, req.ReqID)
 		a.mu.Unlock()
 	}()
-	if err := s.link.Send(s.shim, req.Term()); err != nil {
+	if err := s.send(req.Term()); err != nil {
 		return etf.BOSHResponse{}, fmt.Errorf("%w: %v", ErrLinkLost, err)
 	}
 	select {
@@ -209,7 +215,7 @@ func (a *Attachment) ProcessBOSH(ctx context.Context, req etf.BOSHRequest) (etf.
 	case <-s.link.Done():
 		return etf.BOSHResponse{}, ErrLinkLost
 	case <-ctx.Done():
-		_ = s.link.Send(s.shim, etf.BOSHCancel{ConnID: req.ConnID, ReqID: req.ReqID}.Term())
+		_ = s.send(etf.BOSHCancel{ConnID: req.ConnID, ReqID: req.ReqID}.Term())
 		return etf.BOSHResponse{}, ctx.Err()
 	}
 }
@@ -326,7 +332,7 @@ func (a *Attachment) attachOnce(ctx context.Context, backoff *backoff) error {
 	if err != nil {
 		return err
 	}
-	s := &session{link: link, shim: w.Session, version: w.Version, monitor: ref}
+	s := &session{link: link, shim: w.Session, version: w.Version, token: w.Token, monitor: ref}
 	a.setAttached(s, w)
 	backoff.reset()
 	return a.serve(ctx, s)

@@ -61,6 +61,6 @@ func (a *Attachment) NotifyDraining(on bool) {
 	s := a.cur
 	a.mu.Unlock()
 	if s != nil && s.version >= 2 { // version 1 shims do not know the message
-		_ = s.link.Send(s.shim, etf.SidecarDraining(on))
+		_ = s.send(etf.SidecarDraining(on))
 	}
 }

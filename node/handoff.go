@@ -194,6 +194,7 @@ type AttachmentHandoff struct {
 	Link     LinkHandoff
 	Shim     etf.Pid
 	Version  int
+	Token    []byte  // the session's secret (protocol version 3 on)
 	Monitor  etf.Ref // our monitor on the shim's session
 	Streams  []StreamHandoff
 }
@@ -224,7 +225,7 @@ func (a *Attachment) Pause(moving []uint64) (AttachmentHandoff, error) {
 	if err != nil {
 		return AttachmentHandoff{}, err
 	}
-	st := AttachmentHandoff{Peer: a.peer, Attached: true, Link: ls, Shim: s.shim, Version: s.version, Monitor: s.monitor}
+	st := AttachmentHandoff{Peer: a.peer, Attached: true, Link: ls, Shim: s.shim, Version: s.version, Token: s.token, Monitor: s.monitor}
 	a.mu.Lock()
 	for _, id := range moving {
 		if e := a.streams[id]; e != nil && e.session == s {
@@ -344,7 +345,7 @@ func (n *Node) Adopt(ctx context.Context, st AttachmentHandoff, conn net.Conn, b
 	}
 	welcome := make(chan any, 1)
 	link := n.adoptLink(conn, st.Link, a.handle(welcome))
-	s := &session{link: link, shim: st.Shim, version: st.Version, monitor: st.Monitor}
+	s := &session{link: link, shim: st.Shim, version: st.Version, token: st.Token, monitor: st.Monitor}
 	a.cur = s
 	close(a.ready)
 	a.since = time.Now()

@@ -65,7 +65,7 @@ func (a *Attachment) OpenStream(ctx context.Context, open etf.C2SOpen, sink Stre
 		delete(a.opens, open.ConnID)
 		a.mu.Unlock()
 	}()
-	if err := s.link.Send(s.shim, open.Term()); err != nil {
+	if err := s.send(open.Term()); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrLinkLost, err)
 	}
 	var started etf.C2SStarted

@@ -236,6 +236,26 @@ type sidecar struct {
 // port if empty), and waits until it has attached to the shim.
 func startSidecar(t *testing.T, ej *harness.Ejabberd, addr string, extra ...string) *sidecar {
 	t.Helper()
+	s := spawnSidecar(t, ej, addr, extra...)
+	s.waitAttached(t, 30*time.Second)
+	return s
+}
+
+// waitAttached waits until the sidecar has attached to the shim.
+func (s *sidecar) waitAttached(t *testing.T, limit time.Duration) {
+	t.Helper()
+	select {
+	case <-s.attached:
+	case <-s.exited:
+		t.Fatalf("sidecar exited before attaching:\n%s", s.logs())
+	case <-time.After(limit):
+		t.Fatalf("sidecar did not attach within %v:\n%s", limit, s.logs())
+	}
+}
+
+// spawnSidecar is startSidecar without the wait.
+func spawnSidecar(t *testing.T, ej *harness.Ejabberd, addr string, extra ...string) *sidecar {
+	t.Helper()
 	if addr == "" {
 		port, err := harness.FreePort()
 		if err != nil {
@@ -271,13 +291,6 @@ func startSidecar(t *testing.T, ej *harness.Ejabberd, addr string, extra ...stri
 	}()
 	go func() { _ = s.cmd.Wait(); close(s.exited) }()
 	t.Cleanup(s.kill)
-	select {
-	case <-s.attached:
-	case <-s.exited:
-		t.Fatalf("sidecar exited before attaching:\n%s", s.logs())
-	case <-time.After(30 * time.Second):
-		t.Fatalf("sidecar did not attach within 30s:\n%s", s.logs())
-	}
 	return s
 }
 

@@ -12,11 +12,23 @@
 
 %% Connection and request ids are the sidecar's 64-bit unsigned integers.
 -define(IS_ID(X), (is_integer(X) andalso X >= 0 andalso X =< 16#FFFFFFFFFFFFFFFF)).
+%% The messages only the sidecar sends a session.
+-define(IS_SIDECAR_MSG(M), (is_tuple(M) andalso tuple_size(M) >= 2 andalso
+                            (element(1, M) =:= bosh_request orelse element(1, M) =:= bosh_cancel orelse
+                             element(1, M) =:= c2s_open orelse element(1, M) =:= sidecar_draining))).
+%% From protocol version 3 the welcome carries a secret and the sidecar
+%% wraps each of its messages as {from_sidecar, Token, Msg}.
+-define(TOKEN_VERSION, 3).
+-define(TOKEN_BYTES, 16).
 
 -record(state, {
           sidecar :: pid(),
           monitor :: reference(),
           version :: pos_integer(),
+          %% The secret the sidecar echoes (version 3 on), or undefined.
+          token :: binary() | undefined,
+          logcap = megaphone_logcap:new() :: megaphone_logcap:cap(),
+          ignored = 0 :: non_neg_integer(),
           info :: map(),
           started :: integer(),                          % erlang:system_time(second)
           workers = #{} :: #{reference() => {non_neg_integer(), non_neg_integer(), pid()}},
@@ -59,7 +71,11 @@ c2s_of(Session, ConnId) ->
 -spec init({pid(), pos_integer(), map()}) -> {ok, #state{}}.
 init({Sidecar, Version, Info}) ->
     Ref = erlang:monitor(process, Sidecar),
-    State = #state{sidecar = Sidecar, monitor = Ref, version = Version,
+    Token = case Version >= ?TOKEN_VERSION of
+                true -> crypto:strong_rand_bytes(?TOKEN_BYTES);
+                false -> undefined
+            end,
+    State = #state{sidecar = Sidecar, monitor = Ref, version = Version, token = Token,
                    info = maps:with([name, build, min_version], Info),
                    started = erlang:system_time(second)},
     welcome(State),
@@ -82,23 +98,14 @@ handle_cast(_Msg, State) ->
     {noreply, State}.
 
 -spec handle_info(term(), #state{}) -> {noreply, #state{}} | {stop, normal, #state{}}.
-handle_info({bosh_request, ConnId, ReqId, Peer, Body}, State)
-  when ?IS_ID(ConnId), ?IS_ID(ReqId), is_binary(Body) ->
-    case megaphone_bosh:valid_peer(Peer) of
-        true -> {noreply, start_worker(ConnId, ReqId, Peer, Body, State)};
-        false -> {noreply, reject(ConnId, ReqId, <<"bad peer address">>, State)}
-    end;
-handle_info({c2s_open, ConnId, Transport, Peer, Local}, State) when ?IS_ID(ConnId) ->
-    {noreply, open_c2s(ConnId, Transport, Peer, Local, State)};
-handle_info({bosh_cancel, ConnId, ReqId}, #state{by_request = ByReq} = State) ->
-    case maps:find({ConnId, ReqId}, ByReq) of
-        {ok, Ref} ->
-            {_, _, Pid} = maps:get(Ref, State#state.workers),
-            exit(Pid, kill),
-            {noreply, State#state{cancelled = State#state.cancelled + 1}};
-        error ->
-            {noreply, State}
-    end;
+handle_info({from_sidecar, Token, Msg}, #state{token = Token} = State) when is_binary(Token) ->
+    from_sidecar(Msg, State);
+handle_info({from_sidecar, _, _} = Msg, State) ->
+    {noreply, ignore(wrong_token, Msg, State)};
+handle_info(Msg, #state{token = undefined} = State) when ?IS_SIDECAR_MSG(Msg) ->
+    from_sidecar(Msg, State);    % versions 1 and 2: nothing to check it by
+handle_info(Msg, State) when ?IS_SIDECAR_MSG(Msg) ->
+    {noreply, ignore(no_token, Msg, State)};
 handle_info({'DOWN', Ref, process, _, Reason}, #state{monitor = Ref} = State) ->
     logger:notice("megaphone: sidecar ~p went away (~p); ending ~p request(s) in flight",
                   [State#state.sidecar, Reason, maps:size(State#state.workers)]),
@@ -106,11 +113,6 @@ handle_info({'DOWN', Ref, process, _, Reason}, #state{monitor = Ref} = State) ->
 handle_info({'DOWN', Ref, process, _, _Reason}, #state{c2s = C2S} = State)
   when is_map_key(Ref, C2S) ->
     {noreply, State#state{c2s = maps:remove(Ref, C2S)}};
-handle_info({sidecar_draining, On}, State) when is_boolean(On) ->
-    logger:notice("megaphone: sidecar ~p ~ts", [State#state.sidecar,
-                                               case On of true -> "is draining: it takes no new connections";
-                                                          false -> "takes new connections again" end]),
-    {noreply, State#state{draining = On}};
 handle_info(sweep, State) ->
     schedule_sweep(),
     {noreply, sweep(State)};
@@ -129,18 +131,66 @@ handle_info(rewelcome, State) ->
     welcome(State),
     {noreply, State};
 handle_info(Other, State) ->
-    logger:notice("megaphone: session ~p ignored an unknown message: ~P", [self(), Other, 8]),
-    {noreply, State}.
+    {noreply, ignore(unknown, Other, State)}.
+
+%% A message of the sidecar's (its token checked, where there is one).
+from_sidecar({bosh_request, ConnId, ReqId, Peer, Body}, State)
+  when ?IS_ID(ConnId), ?IS_ID(ReqId), is_binary(Body) ->
+    case megaphone_bosh:valid_peer(Peer) of
+        true -> {noreply, start_worker(ConnId, ReqId, Peer, Body, State)};
+        false -> {noreply, reject(ConnId, ReqId, <<"bad peer address">>, State)}
+    end;
+from_sidecar({c2s_open, ConnId, Transport, Peer, Local}, State) when ?IS_ID(ConnId) ->
+    {noreply, open_c2s(ConnId, Transport, Peer, Local, State)};
+from_sidecar({bosh_cancel, ConnId, ReqId}, #state{by_request = ByReq} = State) ->
+    case maps:find({ConnId, ReqId}, ByReq) of
+        {ok, Ref} ->
+            {_, _, Pid} = maps:get(Ref, State#state.workers),
+            exit(Pid, kill),
+            {noreply, State#state{cancelled = State#state.cancelled + 1}};
+        error ->
+            {noreply, State}
+    end;
+from_sidecar({sidecar_draining, On}, State) when is_boolean(On) ->
+    logger:notice("megaphone: sidecar ~p ~ts", [State#state.sidecar,
+                                               case On of true -> "is draining: it takes no new connections";
+                                                          false -> "takes new connections again" end]),
+    {noreply, State#state{draining = On}};
+from_sidecar(Other, State) ->
+    {noreply, ignore(malformed, Other, State)}.
+
+%% Drops a message that is not the sidecar's, or not one it may send,
+%% with a line in the log; at most one per reason every 10 s, so a flood
+%% costs no more than the messages themselves.
+ignore(Why, Msg, #state{logcap = Cap, ignored = N} = State) ->
+    case megaphone_logcap:check(Why, Cap) of
+        {log, Skipped, Cap1} ->
+            logger:warning("megaphone: session ~p (sidecar ~p) ignored a message: ~ts: ~P"
+                           " (~p more like it not logged)",
+                           [self(), State#state.sidecar, why(Why), Msg, 6, Skipped]),
+            State#state{logcap = Cap1, ignored = N + 1};
+        {skip, Cap1} ->
+            State#state{logcap = Cap1, ignored = N + 1}
+    end.
+
+why(wrong_token) -> "its token is not this session's";
+why(no_token) -> "a sidecar message without the token its protocol version requires";
+why(malformed) -> "a malformed sidecar message";
+why(unknown) -> "not a message of the protocol".
 
 -spec terminate(term(), #state{}) -> ok.
 terminate(_Reason, #state{workers = Workers}) ->
     %% Whatever the reason we stop, no request process outlives us.
     maps:foreach(fun(_, {_, _, Pid}) -> exit(Pid, kill) end, Workers).
 
-welcome(#state{sidecar = Sidecar, version = Version}) ->
-    Info = #{node => atom_to_binary(node(), utf8),
-             otp_release => list_to_binary(erlang:system_info(otp_release)),
-             ejabberd => ejabberd_version()},
+welcome(#state{sidecar = Sidecar, version = Version, token = Token}) ->
+    Info0 = #{node => atom_to_binary(node(), utf8),
+              otp_release => list_to_binary(erlang:system_info(otp_release)),
+              ejabberd => ejabberd_version()},
+    Info = case Token of
+               undefined -> Info0;
+               _ -> Info0#{token => Token}
+           end,
     erlang:send(Sidecar, {megaphone_welcome, self(), Version, Info}, [noconnect]).
 
 ejabberd_version() ->
@@ -254,4 +304,5 @@ describe(#state{} = S) ->
       streams => maps:size(S#state.c2s),
       gc_swept => S#state.swept,
       cancelled => S#state.cancelled,
+      ignored => S#state.ignored,
       failed => S#state.failed}.

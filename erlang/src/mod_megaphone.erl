@@ -7,6 +7,7 @@
 %%     mod_megaphone:
 %%       gc_sweep_interval: 60
 %%       send_busy_timeout: 1000
+%%       allowed_sidecars: ["megaphone*@localhost"]
 %%
 %% and `ejabberdctl reload_config' start it. ejabberd starts a module once
 %% per virtual host; the shim is one application for the whole node, so
@@ -46,12 +47,14 @@ depends(_Host, _Opts) ->
 
 -spec mod_opt_type(atom()) -> econf:validator().
 mod_opt_type(gc_sweep_interval) -> econf:non_neg_int();
-mod_opt_type(send_busy_timeout) -> econf:non_neg_int().
+mod_opt_type(send_busy_timeout) -> econf:non_neg_int();
+mod_opt_type(allowed_sidecars) -> econf:list(econf:binary()).
 
 -spec mod_options(binary()) -> [{atom(), term()}].
 mod_options(_Host) ->
     [{gc_sweep_interval, 60},
-     {send_busy_timeout, 1000}].
+     {send_busy_timeout, 1000},
+     {allowed_sidecars, [<<"*">>]}].
 
 -spec mod_doc() -> map().
 mod_doc() ->
@@ -73,7 +76,15 @@ mod_doc() ->
             #{value => "non_neg_integer()",
               desc => <<"Milliseconds a c2s write may wait while the "
                         "distribution buffer towards the sidecar is full "
-                        "before the stream is closed. The default is 1000.">>}}]}.
+                        "before the stream is closed. The default is 1000.">>}},
+           {allowed_sidecars,
+            #{value => "[Pattern]",
+              desc => <<"The sidecar nodes whose hello is taken: node-name "
+                        "patterns, where * stands for any run of characters "
+                        "(\"megaphone*@localhost\"). Only hidden nodes can "
+                        "match; a visible cluster node never attaches as a "
+                        "sidecar. The default, [\"*\"], takes any hidden "
+                        "node.">>}}]}.
 
 %% The options are node-wide (the shim is one application), so the last
 %% host to set them wins; they are the same on every host in practice.
@@ -82,4 +93,5 @@ apply_options(Opts) ->
     _ = application:load(megaphone),
     application:set_env(megaphone, gc_sweep_interval, gen_mod:get_opt(gc_sweep_interval, Opts) * 1000),
     application:set_env(megaphone, send_busy_timeout, gen_mod:get_opt(send_busy_timeout, Opts)),
+    application:set_env(megaphone, allowed_sidecars, gen_mod:get_opt(allowed_sidecars, Opts)),
     ok.

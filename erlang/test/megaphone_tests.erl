@@ -17,14 +17,22 @@ shim_test_() ->
       fun crash_becomes_500/0,
       fun status_reports_sessions/0,
       fun commands_reach_the_sidecar/0,
-      fun random_messages_change_nothing/0]}.
+      fun random_messages_change_nothing/0,
+      fun local_hello_refused_by_default/0,
+      fun version_3_needs_the_token/0]}.
 
 setup() ->
     load_fake_bosh(),
+    %% The stand-in sidecars here are local processes, which the listener
+    %% refuses unless told otherwise.
+    application:load(megaphone),
+    application:set_env(megaphone, allow_local_sidecars, true),
     ok = megaphone:start().
 
 cleanup(_) ->
     ok = megaphone:stop(),
+    application:unset_env(megaphone, allow_local_sidecars),
+    application:unset_env(megaphone, allowed_sidecars),
     code:purge(ejabberd_bosh),
     code:delete(ejabberd_bosh).
 
@@ -68,7 +76,7 @@ hello_and_request() ->
 
 refuses_unknown_version() ->
     megaphone_listener ! {megaphone_hello, self(), 99, #{min_version => 50}},
-    receive {megaphone_refused, Reason, [1, 2]} -> ?assert(is_binary(Reason))
+    receive {megaphone_refused, Reason, [1, 2, 3]} -> ?assert(is_binary(Reason))
     after 2000 -> error(no_refusal)
     end.
 
@@ -133,7 +141,7 @@ crash_becomes_500() ->
 
 status_reports_sessions() ->
     _ = hello(self()),
-    #{running := true, sidecars := [S], protocol_versions := [1, 2]} = megaphone:status(),
+    #{running := true, sidecars := [S], protocol_versions := [1, 2, 3]} = megaphone:status(),
     ?assertEqual(self(), maps:get(sidecar, S)).
 
 %% A version 2 sidecar stand-in that answers commands as the real one does.
@@ -185,8 +193,80 @@ commands_reach_the_sidecar() ->
 
 version_choice_test() ->
     ?assertEqual({ok, 1}, megaphone_listener:choose_version(1, 1)),
-    ?assertEqual({ok, 2}, megaphone_listener:choose_version(1, 5)),
-    ?assertEqual(error, megaphone_listener:choose_version(3, 5)).
+    ?assertEqual({ok, 2}, megaphone_listener:choose_version(1, 2)),
+    ?assertEqual({ok, 3}, megaphone_listener:choose_version(1, 5)),
+    ?assertEqual(error, megaphone_listener:choose_version(4, 5)).
+
+local_hello_refused_by_default() ->
+    application:unset_env(megaphone, allow_local_sidecars),
+    megaphone_listener ! {megaphone_hello, self(), 3, #{min_version => 1}},
+    receive {megaphone_refused, Reason, [1, 2, 3]} -> ?assertMatch(<<"a local process", _/binary>>, Reason)
+    after 2000 -> error(no_refusal)
+    end,
+    ?assertEqual([], maps:get(sidecars, megaphone:status())).
+
+%% Who may attach: the allowlist's rules, one origin at a time.
+admit_test() ->
+    Any = undefined,
+    Only = {ok, [<<"megaphone*@localhost">>, "edge@host"]},
+    ?assertEqual(ok, megaphone_listener:admit(hidden, <<"megaphone_1@localhost">>, Any)),
+    ?assertEqual(ok, megaphone_listener:admit(hidden, <<"megaphone_1@localhost">>, Only)),
+    ?assertEqual(ok, megaphone_listener:admit(hidden, <<"edge@host">>, Only)),
+    ?assertMatch({refused, _}, megaphone_listener:admit(hidden, <<"probe@localhost">>, Only)),
+    ?assertMatch({refused, _}, megaphone_listener:admit(hidden, <<"x@y">>, {ok, []})),
+    ?assertMatch({refused, _}, megaphone_listener:admit(hidden, <<"x@y">>, {ok, <<"*">>})),
+    %% A visible node never, even when its name matches.
+    ?assertMatch({refused, _}, megaphone_listener:admit(visible, <<"megaphone_1@localhost">>, Only)),
+    ?assertMatch({refused, _}, megaphone_listener:admit(visible, <<"ej2@localhost">>, Any)),
+    ?assertMatch({refused, _}, megaphone_listener:admit(unconnected, <<"megaphone_1@localhost">>, Any)),
+    ?assertMatch({refused, _}, megaphone_listener:admit(local, <<"nonode@nohost">>, Any)),
+    ?assertEqual(ok, megaphone_listener:admit(port_carrier, <<"nonode@nohost">>, {ok, []})).
+
+name_pattern_test() ->
+    M = fun megaphone_listener:name_matches/2,
+    ?assert(M(<<"*">>, <<"anything@host">>)),
+    ?assert(M(<<"*">>, <<>>)),
+    ?assert(M(<<"a*b*c">>, <<"aXXbYYc">>)),
+    ?assert(M(<<"megaphone*@localhost">>, <<"megaphone@localhost">>)),
+    ?assertNot(M(<<"megaphone*@localhost">>, <<"megaphone_1@localhost.evil">>)),
+    ?assertNot(M(<<"megaphone*@localhost">>, <<"xmegaphone@localhost">>)),
+    ?assertNot(M(<<"a.c">>, <<"abc">>)),             % no regular expression
+    ?assertNot(M(<<>>, <<"a">>)).
+
+logcap_test() ->
+    C0 = megaphone_logcap:new(),
+    {log, 0, C1} = megaphone_logcap:check(k, C0, 0),
+    {skip, C2} = megaphone_logcap:check(k, C1, 5000),
+    {skip, C3} = megaphone_logcap:check(k, C2, 9999),
+    {log, 0, C4} = megaphone_logcap:check(other, C3, 9999),
+    {log, 2, C5} = megaphone_logcap:check(k, C4, 10000),
+    {skip, _} = megaphone_logcap:check(k, C5, 19999),
+    %% Keys from peers cannot grow it without bound.
+    Many = lists:foldl(fun(I, C) -> {log, 0, C1x} = megaphone_logcap:check(I, C, 0), C1x end,
+                       C0, lists:seq(1, 5000)),
+    ?assert(map_size(Many) =< 1000).
+
+%% Version 3: the welcome carries a token; a message with it is served,
+%% one without it or with another is ignored (and counted), never served.
+version_3_needs_the_token() ->
+    megaphone_listener ! {megaphone_hello, self(), 3, #{min_version => 1}},
+    {Session, Token} = receive {megaphone_welcome, S, 3, #{token := T}} -> {S, T}
+                       after 2000 -> error(no_welcome)
+                       end,
+    ?assertEqual(16, byte_size(Token)),
+    Peer = {{127, 0, 0, 1}, 1},
+    Session ! {bosh_request, 1, 1, Peer, <<"bare">>},
+    Session ! {from_sidecar, <<"guess">>, {bosh_request, 1, 2, Peer, <<"forged">>}},
+    Session ! {from_sidecar, Token, {bosh_request, 1, 3, Peer, <<"real">>}},
+    receive {bosh_response, 1, Id, _, _, _, Body} ->
+            ?assertEqual({3, <<"echo:real:{{127,0,0,1},1}">>}, {Id, iolist_to_binary(Body)})
+    after 2000 -> error(no_response)
+    end,
+    receive {bosh_response, _, _, _, _, _, _} = Extra -> error({served, Extra})
+    after 200 -> ok
+    end,
+    %% (megaphone:status() would ask this stand-in, which does not answer.)
+    ?assertMatch(#{ignored := 2, requests := 1}, megaphone_sidecar:status(Session)).
 
 %% Generated input: thousands of random terms, shaped like the protocol's
 %% messages and not, sent to the listener and to a session. Neither dies,
