@@ -34,6 +34,12 @@ import (
 // binary that speaks another is refused before anything stops.
 const handoffVersion = "megaphone-handoff-1"
 
+// idGap separates the new process's connection and request IDs from the
+// old one's, which goes on numbering the requests that still reach it
+// (on its open HTTP connections) after the handoff: ejabberd's answers
+// are routed by ID, and two processes must never both wait for one.
+const idGap = 1 << 32
+
 // handoffTimeout bounds one takeover from hello to go.
 const handoffTimeout = 30 * time.Second
 
@@ -571,7 +577,7 @@ func (s *Sidecar) takeOver(ctx context.Context) error {
 	_ = uc.SetDeadline(time.Time{})
 
 	s.node = n
-	s.registry.ContinueIDs(state.LastConnID)
+	s.registry.ContinueIDs(state.LastConnID + idGap)
 	s.registry.SetLimits(state.Limits)
 	s.registry.SetDraining(state.Draining)
 	k := 0
@@ -601,7 +607,7 @@ func (s *Sidecar) startTakenOver() {
 		return
 	}
 	s.upgrade.taken = nil
-	s.front.ContinueRequestIDs(t.state.LastReqID)
+	s.front.ContinueRequestIDs(t.state.LastReqID + idGap)
 	s.front.SetDraining(t.state.Draining) // the shim knows already
 	// What the new process passes back is written on its link's reader:
 	// an old process that does not take it within seconds is given up.

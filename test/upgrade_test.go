@@ -317,6 +317,12 @@ func (u *upgradeRun) finish() {
 			}
 		}
 	}
+	// A sidecar built with -race (MEGAPHONE_BIN) reports races in its log.
+	for _, sc := range []*sidecar{u.old, u.new} {
+		if sc != nil && strings.Contains(sc.logs(), "WARNING: DATA RACE") {
+			t.Errorf("data race in a sidecar:\n%s", sc.logs())
+		}
+	}
 	downs := eval(t, u.ej, `megaphone_upgrade_watch ! {get, self()}, receive {downs, D} -> D after 5000 -> timeout end`)
 	// The watcher does see hidden nodes go: each eval's probe node is one.
 	if !strings.Contains(downs, "probe_") || strings.Contains(downs, u.old.name) {
