@@ -35,13 +35,17 @@ func (e *handshakeError) Error() string { return "handshake refused: " + e.reaso
 //
 // The returned reader holds whatever the peer sent after its ack; the link
 // must go on reading from it.
-func clientHandshake(conn net.Conn, ourName string, cookie string, creation uint32) (peerInfo, *bufio.Reader, error) {
+//
+// headerBytes is the handshake frames' length header: 2 over TCP
+// (inet_tcp_dist's {packet, 2}), 4 over TLS (inet_tls_dist runs its
+// handshake with {packet, 4}).
+func clientHandshake(conn net.Conn, headerBytes int, ourName string, cookie string, creation uint32) (peerInfo, *bufio.Reader, error) {
 	r := bufio.NewReaderSize(conn, 64<<10)
-	info, err := runClientHandshake(conn, r, ourName, cookie, creation)
+	info, err := runClientHandshake(conn, r, handshakeFraming(headerBytes), ourName, cookie, creation)
 	return info, r, err
 }
 
-func runClientHandshake(conn net.Conn, r *bufio.Reader, ourName string, cookie string, creation uint32) (peerInfo, error) {
+func runClientHandshake(conn net.Conn, r *bufio.Reader, framing handshakeFraming, ourName string, cookie string, creation uint32) (peerInfo, error) {
 	var info peerInfo
 
 	// send_name: 'N', flags, creation, name.
@@ -50,12 +54,12 @@ func runClientHandshake(conn net.Conn, r *bufio.Reader, ourName string, cookie s
 	msg = binary.BigEndian.AppendUint32(msg, creation)
 	msg = binary.BigEndian.AppendUint16(msg, uint16(len(ourName)))
 	msg = append(msg, ourName...)
-	if err := writeHandshakeFrame(conn, msg); err != nil {
+	if err := framing.write(conn, msg); err != nil {
 		return info, err
 	}
 
 	// recv_status.
-	status, err := readHandshakeFrame(r)
+	status, err := framing.read(r)
 	if err != nil {
 		return info, err
 	}
@@ -69,7 +73,7 @@ func runClientHandshake(conn net.Conn, r *bufio.Reader, ourName string, cookie s
 		// has not timed out yet). Saying "false" makes the peer refuse us;
 		// saying "true" would make it drop the old connection, which is what
 		// a restarted sidecar wants.
-		if err := writeHandshakeFrame(conn, []byte("strue")); err != nil {
+		if err := framing.write(conn, []byte("strue")); err != nil {
 			return info, err
 		}
 	default:
@@ -77,7 +81,7 @@ func runClientHandshake(conn net.Conn, r *bufio.Reader, ourName string, cookie s
 	}
 
 	// recv_challenge: 'N', flags, challenge, creation, name.
-	ch, err := readHandshakeFrame(r)
+	ch, err := framing.read(r)
 	if err != nil {
 		return info, err
 	}
@@ -107,12 +111,12 @@ func runClientHandshake(conn net.Conn, r *bufio.Reader, ourName string, cookie s
 	reply = binary.BigEndian.AppendUint32(reply, ourChallenge)
 	d := digest(challenge, cookie)
 	reply = append(reply, d[:]...)
-	if err := writeHandshakeFrame(conn, reply); err != nil {
+	if err := framing.write(conn, reply); err != nil {
 		return info, err
 	}
 
 	// recv_challenge_ack: 'a', digest of ours.
-	ack, err := readHandshakeFrame(r)
+	ack, err := framing.read(r)
 	if err != nil {
 		if errors.Is(err, io.EOF) {
 			// The peer hangs up without a word when our digest is wrong.
@@ -131,18 +135,39 @@ func digest(challenge uint32, cookie string) [16]byte {
 	return md5.Sum([]byte(cookie + strconv.FormatUint(uint64(challenge), 10)))
 }
 
-func writeHandshakeFrame(w io.Writer, msg []byte) error {
-	frame := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(msg)), uint16(len(msg)))
+// handshakeFraming is the size of a handshake frame's length header: 2 or 4.
+type handshakeFraming int
+
+// maxHandshakeFrame bounds what a peer can make us allocate: the longest
+// handshake message is a name (at most 255 bytes in OTP) and some fields.
+const maxHandshakeFrame = 64 << 10
+
+func (f handshakeFraming) write(w io.Writer, msg []byte) error {
+	var frame []byte
+	if f == 4 {
+		frame = binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(msg)), uint32(len(msg)))
+	} else {
+		frame = binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(msg)), uint16(len(msg)))
+	}
 	_, err := w.Write(append(frame, msg...))
 	return err
 }
 
-func readHandshakeFrame(r *bufio.Reader) ([]byte, error) {
-	var head [2]byte
-	if _, err := io.ReadFull(r, head[:]); err != nil {
+func (f handshakeFraming) read(r *bufio.Reader) ([]byte, error) {
+	head := make([]byte, int(f))
+	if _, err := io.ReadFull(r, head); err != nil {
 		return nil, err
 	}
-	msg := make([]byte, binary.BigEndian.Uint16(head[:]))
+	var n uint32
+	if f == 4 {
+		n = binary.BigEndian.Uint32(head)
+	} else {
+		n = uint32(binary.BigEndian.Uint16(head))
+	}
+	if n > maxHandshakeFrame {
+		return nil, fmt.Errorf("handshake frame of %d bytes", n)
+	}
+	msg := make([]byte, n)
 	if _, err := io.ReadFull(r, msg); err != nil {
 		return nil, err
 	}

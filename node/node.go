@@ -10,6 +10,7 @@ package node
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -37,6 +38,9 @@ type Config struct {
 	TickInterval time.Duration
 	// WriteTimeout bounds one write to a peer; 0 means 30 s.
 	WriteTimeout time.Duration
+	// TLS, if set, runs every link over TLS (DistTLSConfig), as to a node
+	// started with -proto_dist inet_tls; the epmd lookup stays plain.
+	TLS *tls.Config
 	// Controller answers the operator's commands from ejabberd's shell;
 	// without one they are answered {error, not_supported}.
 	Controller Controller
@@ -142,16 +146,30 @@ func (n *Node) Dial(ctx context.Context, peer string, handler Handler) (*Link, e
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", peer, err)
 	}
+	if tcp, ok := conn.(*net.TCPConn); ok {
+		_ = tcp.SetNoDelay(true)
+	}
 	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-	info, reader, err := clientHandshake(conn, n.cfg.Name, n.cfg.Cookie, n.creation)
+	headerBytes := 2
+	if n.cfg.TLS != nil {
+		headerBytes = 4
+		cfg := n.cfg.TLS.Clone()
+		if cfg.ServerName == "" {
+			cfg.ServerName = host
+		}
+		tc := tls.Client(conn, cfg)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("TLS with %s: %w", peer, err)
+		}
+		conn = tc
+	}
+	info, reader, err := clientHandshake(conn, headerBytes, n.cfg.Name, n.cfg.Cookie, n.creation)
 	if err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("handshake with %s: %w", peer, err)
 	}
 	_ = conn.SetDeadline(time.Time{})
-	if tcp, ok := conn.(*net.TCPConn); ok {
-		_ = tcp.SetNoDelay(true)
-	}
 	l := n.newLink(conn, reader, info, handler)
 	l.start()
 	return l, nil

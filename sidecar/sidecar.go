@@ -6,6 +6,7 @@ package sidecar
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -26,6 +27,9 @@ type Config struct {
 	Name     string   // this sidecar's node name
 	Cookie   string   // the distribution cookie (read from a file by the caller)
 	EPMDPort int
+	// PEM files for TLS on the distribution link (node.DistTLSConfig);
+	// DistTLSCA empty: plain TCP.
+	DistTLSCert, DistTLSKey, DistTLSCA string
 
 	BOSHAddr   string   // HTTP listener for BOSH and WebSocket ("": off)
 	BOSHPaths  []string // URL paths that serve BOSH
@@ -68,6 +72,7 @@ type Sidecar struct {
 	started  time.Time
 	node     *node.Node
 	attached []*node.Attachment
+	distTLS  *tls.Config // the distribution link's, or nil
 	registry *sockets.Registry
 	front    *bosh.Handler
 	certs    *sockets.Certificates // nil without TLS
@@ -104,6 +109,11 @@ func New(cfg Config) (*Sidecar, error) {
 	s.upgrade.handedOver = make(chan struct{})
 	var n *node.Node
 	var err error
+	if cfg.Port == nil && (cfg.DistTLSCA != "" || cfg.DistTLSCert != "" || cfg.DistTLSKey != "") {
+		if s.distTLS, err = node.DistTLSConfig(cfg.DistTLSCert, cfg.DistTLSKey, cfg.DistTLSCA); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.Port != nil {
 		// The shim started us as a port: the node behind it is the one
 		// ejabberd node we serve, whatever was configured.
@@ -125,7 +135,7 @@ func New(cfg Config) (*Sidecar, error) {
 }
 
 func (s *Sidecar) nodeConfig() node.Config {
-	return node.Config{Name: s.cfg.Name, Cookie: s.cfg.Cookie, EPMDPort: s.cfg.EPMDPort,
+	return node.Config{Name: s.cfg.Name, Cookie: s.cfg.Cookie, EPMDPort: s.cfg.EPMDPort, TLS: s.distTLS,
 		TickInterval: s.cfg.TickInterval, Controller: s, Logger: s.cfg.Logger}
 }
 

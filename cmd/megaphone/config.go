@@ -54,6 +54,9 @@ type options struct {
 	handoffSocket string
 	takeover      string
 	handoffLinger time.Duration
+	distTLSCert   string
+	distTLSKey    string
+	distTLSCA     string
 
 	// values holds every setting as its flag prints it, to tell what a
 	// reload changed.
@@ -79,6 +82,9 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.cookieFile, "cookie-file", filepath.Join(home, ".erlang.cookie"),
 		"file holding the distribution cookie (must not be world-readable; the cookie itself is never a setting)")
 	fs.IntVar(&o.epmdPort, "epmd-port", node.DefaultEPMDPort, "epmd port on the ejabberd host")
+	fs.StringVar(&o.distTLSCA, "dist-tls-ca", "", "PEM CA that signs ejabberd's distribution certificate: set it to speak TLS on the distribution link, to a node started with -proto_dist inet_tls (empty: plain TCP)")
+	fs.StringVar(&o.distTLSCert, "dist-tls-cert", "", "PEM certificate the sidecar presents on a TLS distribution link (for ssl_dist's fail_if_no_peer_cert)")
+	fs.StringVar(&o.distTLSKey, "dist-tls-key", "", "PEM private key for --dist-tls-cert")
 	fs.StringVar(&o.boshAddr, "bosh-addr", "127.0.0.1:5280", "BOSH HTTP listen address (empty: off)")
 	fs.StringVar(&o.c2sAddr, "c2s-addr", "", "XMPP client listen address, e.g. 127.0.0.1:5222 (empty: off); STARTTLS is required when --tls-cert is set")
 	fs.StringVar(&o.c2sTLSAddr, "c2s-tls-addr", "", "XMPP direct-TLS (XEP-0368) listen address, e.g. 127.0.0.1:5223 (empty: off; needs --tls-cert)")

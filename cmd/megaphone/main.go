@@ -88,6 +88,7 @@ func run(ctx context.Context, o options, log *zap.Logger, level zap.AtomicLevel)
 	}
 	sc, err := sidecar.New(sidecar.Config{
 		Nodes: o.nodes, Name: o.name, Cookie: cookie, EPMDPort: o.epmdPort, Port: port,
+		DistTLSCert: o.distTLSCert, DistTLSKey: o.distTLSKey, DistTLSCA: o.distTLSCA,
 		BOSHAddr: o.boshAddr, BOSHPaths: strings.Split(o.boshPaths, ","), WSPath: o.wsPath,
 		C2SAddr: o.c2sAddr, C2STLSAddr: o.c2sTLSAddr, TLSCert: o.tlsCert, TLSKey: o.tlsKey,
 		Limits:       o.limits(),

@@ -83,6 +83,11 @@ type Options struct {
 	// /etc/default/ejabberd so that mod_megaphone can start with ejabberd.
 	// Paths as the node sees them.
 	CodePaths []string
+	// DistTLS runs the node's distribution over TLS (-proto_dist inet_tls
+	// with a test CA; both ends must present a certificate it signed), and
+	// the harness's own probes and shells with it. The files are in
+	// Ejabberd.DistTLS.
+	DistTLS bool
 }
 
 // Ejabberd is a running (or stopped) private ejabberd node.
@@ -98,6 +103,9 @@ type Ejabberd struct {
 	LogFile    string // Dir/logs/ejabberd.log
 	ConsoleLog string // Dir/logs/console.log (node stdout/stderr)
 	LibDir     string // detected ejabberd application dir, as seen by the node
+	// DistTLS holds the files of a node started with Options.DistTLS
+	// (zero otherwise).
+	DistTLS DistTLSFiles
 
 	erl     string
 	runner  Runner
@@ -203,6 +211,11 @@ func Start(ctx context.Context, opts Options) (*Ejabberd, error) {
 	if err := e.prepareDir(opts); err != nil {
 		return fail(err)
 	}
+	if opts.DistTLS {
+		if e.DistTLS, err = writeDistTLS(e.Dir, e.runner.NodePath); err != nil {
+			return fail(fmt.Errorf("harness: distribution TLS files: %w", err))
+		}
+	}
 
 	// A port picked by FreePort can be grabbed by someone else before
 	// ejabberd binds it; retry a few times with fresh ports in that case.
@@ -221,6 +234,16 @@ func Start(ctx context.Context, opts Options) (*Ejabberd, error) {
 
 // prepareDir creates Dir, spool/, logs/, the cookie file and picks the node
 // name (reused from Dir/nodename when the spool already exists).
+// distArgs are the distribution flags of every erl the instance runs: the
+// node, its probes and shells must speak the same distribution.
+func (e *Ejabberd) distArgs() []string {
+	args := append([]string(nil), loopbackDist...)
+	if e.DistTLS.OptFile != "" {
+		args = append(args, "-proto_dist", "inet_tls", "-ssl_dist_optfile", e.runner.NodePath(e.DistTLS.OptFile))
+	}
+	return args
+}
+
 func (e *Ejabberd) prepareDir(opts Options) error {
 	for _, d := range []string{e.Dir, filepath.Join(e.Dir, "spool"), filepath.Join(e.Dir, "logs")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -322,7 +345,7 @@ func (e *Ejabberd) startOnce(ctx context.Context, opts Options) error {
 		"-sname", e.Node,
 		"+K", "true", "+P", "250000",
 	}
-	args = append(args, loopbackDist...)
+	args = append(args, e.distArgs()...)
 	for _, p := range opts.CodePaths {
 		args = append(args, "-pa", p)
 	}

@@ -75,7 +75,7 @@ func (e *Ejabberd) Eval(ctx context.Context, expr string) (string, error) {
 		"MGPH_EXPR="+src,
 		"MGPH_TIMEOUT_MS="+strconv.FormatInt(timeout.Milliseconds(), 10),
 	)
-	args := append([]string{"-sname", probe, "-hidden", "-noinput"}, loopbackDist...)
+	args := append([]string{"-sname", probe, "-hidden", "-noinput"}, e.distArgs()...)
 	args = append(args, "-eval", probeCode)
 	cmd := e.runner.Command(e.erl, env, args...)
 	cmd.Dir = e.Dir

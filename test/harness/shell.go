@@ -84,7 +84,7 @@ func (e *Ejabberd) Shell(ctx context.Context, commands ...string) (string, error
 	// (or an unknown TERM) OTP 25's tty_sl refuses the terminal and erl falls
 	// back to the local-only shell. vt100 is in ncurses-base everywhere.
 	env := baseEnv(e.runner.NodePath(e.Dir), "TERM=vt100")
-	args := append([]string{"-sname", ctl, "-hidden"}, loopbackDist...)
+	args := append([]string{"-sname", ctl, "-hidden"}, e.distArgs()...)
 	args = append(args, "-remsh", e.Node)
 	cmd := e.runner.Command(e.erl, env, args...)
 	cmd.Dir = e.Dir
