@@ -25,6 +25,7 @@ var errBadBody = errors.New("bad BOSH body")
 type bodyInfo struct {
 	SID       string // empty when the request opens a session
 	Terminate bool   // type='terminate': the client ends its session
+	RID       string // the request's rid, as written
 }
 
 // checkBody verifies, before anything reaches ejabberd, that b is one
@@ -59,6 +60,7 @@ func checkBody(b []byte) (bodyInfo, error) {
 				}
 				info.SID = attrValue(t, "sid")
 				info.Terminate = attrValue(t, "type") == "terminate"
+				info.RID = attrValue(t, "rid")
 			}
 			if depth++; depth > maxDepth {
 				return info, fmt.Errorf("%w: nested deeper than %d", errBadBody, maxDepth)

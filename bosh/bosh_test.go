@@ -113,7 +113,12 @@ func serve(t *testing.T, nodes ...Node) string {
 
 func serveHandler(t *testing.T, nodes ...Node) (string, *Handler) {
 	t.Helper()
-	lis, err := sockets.Listen("127.0.0.1:0", sockets.NewRegistry(sockets.Limits{MaxBodyBytes: 1024}), zap.NewNop())
+	return serveWithLimits(t, sockets.Limits{MaxBodyBytes: 1024}, nodes...)
+}
+
+func serveWithLimits(t *testing.T, limits sockets.Limits, nodes ...Node) (string, *Handler) {
+	t.Helper()
+	lis, err := sockets.Listen("127.0.0.1:0", sockets.NewRegistry(limits), zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -39,6 +40,9 @@ type Stats struct {
 	// Echoes counts ejabberd answers that were the client's own re-sent
 	// request (see isEchoedRequest), replaced with an empty body.
 	Echoes uint64
+	// Overactive counts requests refused for their session's request rate
+	// (Limits.MaxBOSHRequestsPerSec) with a policy-violation terminate.
+	Overactive uint64
 }
 
 // defaultMaxBodyBytes applies when the registry sets no body limit.
@@ -57,7 +61,7 @@ type Handler struct {
 	stopping     context.Context
 	stopLongPoll context.CancelFunc
 
-	requests, forwarded, refused, failed, cancelled, echoes atomic.Uint64
+	requests, forwarded, refused, failed, cancelled, echoes, overactive atomic.Uint64
 }
 
 // NewHandler returns a BOSH front that forwards to the given ejabberd
@@ -93,7 +97,8 @@ func (h *Handler) Sessions() map[string]int { return h.router.sessions() }
 // Stats returns the front's counters.
 func (h *Handler) Stats() Stats {
 	return Stats{Requests: h.requests.Load(), Forwarded: h.forwarded.Load(), Refused: h.refused.Load(),
-		Failed: h.failed.Load(), Cancelled: h.cancelled.Load(), Echoes: h.echoes.Load()}
+		Failed: h.failed.Load(), Cancelled: h.cancelled.Load(), Echoes: h.echoes.Load(),
+		Overactive: h.overactive.Load()}
 }
 
 // corsHeaders are those ejabberd's own BOSH listener sends, so browser
@@ -166,6 +171,16 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
 		peer = ap
 	}
+	if perSec := conn.Limits().MaxBOSHRequestsPerSec; perSec > 0 && info.SID != "" {
+		if ok, cutNow := h.router.admit(info.SID, perSec, time.Now()); !ok {
+			h.overactive.Add(1)
+			if cutNow {
+				h.endOveractiveSession(r.Context(), conn.ID, peer, info, perSec)
+			}
+			h.terminate(w, "policy-violation")
+			return
+		}
+	}
 	req := etf.BOSHRequest{ConnID: conn.ID, ReqID: h.reqIDs.Add(1), Peer: peer, Body: body}
 
 	ctx, cancel := context.WithTimeout(r.Context(), h.cfg.MaxWait)
@@ -202,6 +217,38 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 		// request would flood the log while ejabberd is down.
 		h.log.Debug("BOSH request failed", zap.Uint64("conn", conn.ID), zap.Error(err))
 		h.terminate(w, "remote-connection-failed")
+	}
+}
+
+// overactiveTerminateWait bounds how long the request that went over its
+// session's rate waits for ejabberd to end the session.
+const overactiveTerminateWait = 5 * time.Second
+
+// endOveractiveSession ends in ejabberd a session the sidecar has cut for
+// its request rate, so that it does not linger there (presence, resources)
+// until its inactivity timeout: the terminate goes in the client's name,
+// with the rid of the request that was refused, which is the one ejabberd
+// expects next. A rid that is not a plain number is not written into XML;
+// such a session ends by inactivity.
+func (h *Handler) endOveractiveSession(ctx context.Context, connID uint64, peer netip.AddrPort, info bodyInfo, perSec int) {
+	h.log.Info("BOSH session over its request rate: ended with policy-violation",
+		zap.Uint64("conn", connID), zap.String("sid", info.SID), zap.Int("max_per_sec", perSec))
+	if len(info.RID) == 0 || len(info.RID) > 20 || strings.Trim(info.RID, "0123456789") != "" ||
+		strings.ContainsAny(info.SID, "<&'\"") {
+		return
+	}
+	body := fmt.Sprintf("<body xmlns='%s' sid='%s' rid='%s' type='terminate'/>", NS, info.SID, info.RID)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), overactiveTerminateWait)
+	defer cancel()
+	req := etf.BOSHRequest{ConnID: connID, ReqID: h.reqIDs.Add(1), Peer: peer, Body: []byte(body)}
+	// Straight to the session's node, not through route: the router keeps
+	// the session as cut, whatever ejabberd answers.
+	i, err := h.router.pick(ctx, info.SID)
+	if err == nil {
+		_, err = h.router.nodes[i].ProcessBOSH(ctx, req)
+	}
+	if err != nil {
+		h.log.Debug("terminate of an overactive session not delivered", zap.Error(err))
 	}
 }
 

@@ -46,6 +46,44 @@ type owner struct {
 	node     int
 	lastSeen time.Time
 	jid      string // bound by ejabberd, once it has answered the bind
+
+	// The session's request allowance (admit): a token bucket, and
+	// whether it has been cut for going over it.
+	tokens   float64
+	refilled time.Time
+	cut      bool
+}
+
+// admit takes one request of session sid from its allowance of perSec
+// requests a second, in bursts of up to perSec. It reports whether the
+// request may go on, and whether this is the request that cut the session
+// (the first over the rate); a session once cut stays cut. Sessions the
+// router does not know (not yet opened through it, or forgotten) are not
+// counted: ejabberd answers for those, and a client cannot grow the table
+// by making up sids.
+func (r *router) admit(sid string, perSec int, now time.Time) (ok, cutNow bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	o, known := r.owners[sid]
+	switch {
+	case !known:
+		return true, false
+	case o.cut:
+		return false, false
+	case o.refilled.IsZero():
+		o.tokens = float64(perSec)
+	default:
+		o.tokens = min(float64(perSec), o.tokens+now.Sub(o.refilled).Seconds()*float64(perSec))
+	}
+	o.refilled = now
+	if o.tokens < 1 {
+		o.cut = true
+		r.owners[sid] = o
+		return false, true
+	}
+	o.tokens--
+	r.owners[sid] = o
+	return true, false
 }
 
 func newRouter(nodes []Node) *router {
@@ -138,7 +176,12 @@ func (r *router) forget(sid string) {
 		return
 	}
 	r.mu.Lock()
-	delete(r.owners, sid)
+	// A session cut for its rate stays known as cut (until swept), so
+	// that its client keeps getting policy-violation rather than
+	// whatever ejabberd says of a session it has ended.
+	if !r.owners[sid].cut {
+		delete(r.owners, sid)
+	}
 	r.mu.Unlock()
 }
 

@@ -62,7 +62,7 @@ func (DrainCommand) controlCommand()     {}
 func (LimitsCommand) controlCommand()    {}
 
 // LimitNames are the limits an operator may set, as the shim names them.
-var LimitNames = []string{"max_conns", "max_conns_per_ip", "max_body_bytes", "max_stanza_bytes"}
+var LimitNames = []string{"max_conns", "max_conns_per_ip", "max_body_bytes", "max_stanza_bytes", "max_bosh_requests_per_sec"}
 
 // ControlReply is the answer to a ControlRequest.
 func ControlReply(ref Ref, result Term) Term { return Tuple{atomReply, ref, result} }

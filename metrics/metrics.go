@@ -30,8 +30,8 @@ var (
 	refusalReasons   = []string{sockets.RefusedMaxConns, sockets.RefusedMaxConnsPerIP, sockets.RefusedDraining}
 	handshakeKinds   = []string{"tls", "starttls"}
 	knownTransport   = map[string]bool{"tcp": true, "tls": true, "websocket": true, "bosh": true}
-	limitNames       = []string{"max_conns", "max_conns_per_ip", "max_body_bytes", "max_stanza_bytes"}
-	boshOutcomeNames = []string{"forwarded", "refused", "failed", "cancelled"}
+	limitNames       = []string{"max_conns", "max_conns_per_ip", "max_body_bytes", "max_stanza_bytes", "max_bosh_requests_per_sec"}
+	boshOutcomeNames = []string{"forwarded", "refused", "failed", "cancelled", "overactive"}
 )
 
 func desc(name, help string, labels ...string) *prometheus.Desc {
@@ -50,7 +50,7 @@ var (
 	streamErrors      = desc("stream_errors_total", "XMPP stream errors sent to clients, by condition.", "condition")
 	handshakeFailures = desc("handshake_failures_total", "Failed client TLS handshakes: tls (direct TLS), starttls.", "kind")
 	boshRequests      = desc("bosh_requests_total", "BOSH POST requests taken.")
-	boshOutcomes      = desc("bosh_requests_outcome_total", "BOSH requests by outcome: forwarded to ejabberd, refused at the edge, failed (ejabberd unreachable), cancelled (client left).", "outcome")
+	boshOutcomes      = desc("bosh_requests_outcome_total", "BOSH requests by outcome: forwarded to ejabberd, refused at the edge, failed (ejabberd unreachable), cancelled (client left), overactive (over the session's request rate: policy-violation).", "outcome")
 	boshSessions      = desc("bosh_sessions", "BOSH sessions routed to each ejabberd node.", "node")
 	attached          = desc("ejabberd_attached", "1 while attached to the shim on the node.", "node")
 	attachAttempts    = desc("ejabberd_attach_attempts_total", "Attempts to attach to the shim on the node.", "node")
@@ -115,7 +115,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	counters(streamErrors, st.StreamErrors, nil)
 	counters(handshakeFailures, st.HandshakeFailures, handshakeKinds)
 	lim := c.src.Registry.Limits()
-	for i, v := range []int64{int64(lim.MaxConns), int64(lim.MaxConnsPerIP), lim.MaxBodyBytes, lim.MaxStanzaBytes} {
+	for i, v := range []int64{int64(lim.MaxConns), int64(lim.MaxConnsPerIP), lim.MaxBodyBytes, lim.MaxStanzaBytes, int64(lim.MaxBOSHRequestsPerSec)} {
 		gauge(limit, float64(v), limitNames[i])
 	}
 
@@ -123,7 +123,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	if c.src.BOSH != nil {
 		b := c.src.BOSH.Stats()
 		counter(boshRequests, b.Requests)
-		for i, v := range []uint64{b.Forwarded, b.Refused, b.Failed, b.Cancelled} {
+		for i, v := range []uint64{b.Forwarded, b.Refused, b.Failed, b.Cancelled, b.Overactive} {
 			counter(boshOutcomes, v, boshOutcomeNames[i])
 		}
 		sessions = c.src.BOSH.Sessions()

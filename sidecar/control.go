@@ -123,6 +123,7 @@ func limitsTerm(l sockets.Limits) etf.Term {
 		{Key: etf.Atom("max_conns_per_ip"), Value: l.MaxConnsPerIP},
 		{Key: etf.Atom("max_body_bytes"), Value: l.MaxBodyBytes},
 		{Key: etf.Atom("max_stanza_bytes"), Value: l.MaxStanzaBytes},
+		{Key: etf.Atom("max_bosh_requests_per_sec"), Value: l.MaxBOSHRequestsPerSec},
 	}
 }
 
@@ -138,6 +139,8 @@ func applyLimits(l sockets.Limits, set map[string]int64) sockets.Limits {
 			l.MaxBodyBytes = v
 		case "max_stanza_bytes":
 			l.MaxStanzaBytes = v
+		case "max_bosh_requests_per_sec":
+			l.MaxBOSHRequestsPerSec = int(v)
 		}
 	}
 	return l

@@ -315,7 +315,8 @@ func (s *Sidecar) SetDraining(on bool) {
 func (s *Sidecar) SetLimits(l sockets.Limits) {
 	s.registry.SetLimits(l)
 	s.log.Info("limits changed", zap.Int("max_conns", l.MaxConns), zap.Int("max_conns_per_ip", l.MaxConnsPerIP),
-		zap.Int64("max_body_bytes", l.MaxBodyBytes), zap.Int64("max_stanza_bytes", l.MaxStanzaBytes))
+		zap.Int64("max_body_bytes", l.MaxBodyBytes), zap.Int64("max_stanza_bytes", l.MaxStanzaBytes),
+		zap.Int("max_bosh_requests_per_sec", l.MaxBOSHRequestsPerSec))
 }
 
 // Limits returns the limits in force.

@@ -19,6 +19,10 @@ type Limits struct {
 	MaxConnsPerIP  int   // open client connections from one source address
 	MaxBodyBytes   int64 // largest BOSH request body
 	MaxStanzaBytes int64 // largest stanza on a stream until ejabberd says its own
+	// MaxBOSHRequestsPerSec is one BOSH session's request rate (bursts of
+	// as many); a session over it is ended with a policy-violation
+	// terminate (XEP-0124's answer to overactivity). 0: no limit.
+	MaxBOSHRequestsPerSec int
 }
 
 // Refusal reasons, as counted in RegistryStats.Refused.

@@ -47,6 +47,7 @@ type options struct {
 	maxWait       time.Duration
 	maxConns      int
 	maxConnsPerIP int
+	maxBOSHRate   int
 	logFormat     string
 	logLevel      string
 	shutdownGrace time.Duration
@@ -98,6 +99,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.DurationVar(&o.maxWait, "max-wait", 330*time.Second, "longest a BOSH request may wait for ejabberd")
 	fs.IntVar(&o.maxConns, "max-conns", 0, "most open client connections (0: no limit; SIGHUP applies it)")
 	fs.IntVar(&o.maxConnsPerIP, "max-conns-per-ip", 0, "most open client connections from one address (0: no limit; SIGHUP applies it)")
+	fs.IntVar(&o.maxBOSHRate, "max-bosh-requests-per-sec", 0, "most requests a second one BOSH session may make, in bursts of as many; a session over it is ended with a policy-violation terminate (0: no limit; SIGHUP applies it)")
 	fs.StringVar(&o.logFormat, "log-format", "console", "log format: console or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error (SIGHUP applies it; also PUT /loglevel on --admin-addr)")
 	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 10*time.Second, "how long SIGTERM lets XMPP streams end on their own before ending them")

@@ -15,12 +15,13 @@ import (
 // also the stanza limit until ejabberd says its own.
 func (o options) limits() sockets.Limits {
 	return sockets.Limits{MaxConns: o.maxConns, MaxConnsPerIP: o.maxConnsPerIP,
-		MaxBodyBytes: o.maxBody, MaxStanzaBytes: o.maxBody}
+		MaxBodyBytes: o.maxBody, MaxStanzaBytes: o.maxBody, MaxBOSHRequestsPerSec: o.maxBOSHRate}
 }
 
 // liveSettings are those a reload applies to the running sidecar; a change
 // to any other needs a restart.
-var liveSettings = map[string]bool{"max-conns": true, "max-conns-per-ip": true, "max-body": true, "log-level": true}
+var liveSettings = map[string]bool{"max-conns": true, "max-conns-per-ip": true, "max-body": true,
+	"max-bosh-requests-per-sec": true, "log-level": true}
 
 // reloadOnHUP re-reads the settings (flags, environment, config file) on
 // each SIGHUP until ctx ends; see reload.
@@ -80,8 +81,12 @@ func reload(cur, next options, sc *sidecar.Sidecar, level zap.AtomicLevel, log *
 		if now.MaxBodyBytes != was.MaxBodyBytes {
 			l.MaxBodyBytes, l.MaxStanzaBytes = now.MaxBodyBytes, now.MaxStanzaBytes
 		}
+		if now.MaxBOSHRequestsPerSec != was.MaxBOSHRequestsPerSec {
+			l.MaxBOSHRequestsPerSec = now.MaxBOSHRequestsPerSec
+		}
 		sc.SetLimits(l)
 		applied.maxConns, applied.maxConnsPerIP, applied.maxBody = next.maxConns, next.maxConnsPerIP, next.maxBody
+		applied.maxBOSHRate = next.maxBOSHRate
 	}
 	applied.values = make(map[string]string, len(cur.values))
 	for name, v := range cur.values {

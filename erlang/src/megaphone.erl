@@ -21,7 +21,7 @@
          start_port/2, stop_port/1, ports/0]).
 
 -define(TIMEOUT, 5000).
--define(LIMITS, [max_conns, max_conns_per_ip, max_body_bytes, max_stanza_bytes]).
+-define(LIMITS, [max_conns, max_conns_per_ip, max_body_bytes, max_stanza_bytes, max_bosh_requests_per_sec]).
 -define(TRANSPORTS, [tcp, tls, websocket, bosh]).
 
 -type conn_id() :: non_neg_integer().
@@ -172,7 +172,8 @@ limits() ->
     per_sidecar(limits).
 
 %% @doc Changes limits on every sidecar, live: `max_conns',
-%% `max_conns_per_ip', `max_body_bytes', `max_stanza_bytes' (0: none).
+%% `max_conns_per_ip', `max_body_bytes', `max_stanza_bytes',
+%% `max_bosh_requests_per_sec' (0: none).
 %% Each applies from the next connection, request or stream on.
 -spec limits(#{atom() => non_neg_integer()}) ->
           [#{sidecar := binary(), limits := map() | term()}] | {error, {bad_limits, term()}}.
