@@ -53,6 +53,9 @@ eunit:
 integration: build
 	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
 		$(GO) test -count=1 -timeout 18m -v ./test/...
+	# The benchmark at a tiny size (about 2.5 minutes), so that it keeps working.
+	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
+		$(GO) test -count=1 -timeout 10m ./cmd/megaphone-bench/...
 
 test: deps deps-trixie build unit-test fuzz-short integration
 

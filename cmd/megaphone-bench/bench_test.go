@@ -1,0 +1,51 @@
+package main
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/megaphone-im/megaphone/cmd/megaphone-bench/loadgen"
+)
+
+// TestSmoke runs the whole benchmark at a tiny size, to keep it working:
+// every transport on both paths, chat, the report and (with gnuplot) the
+// plots. It needs the sidecar and the shim (MEGAPHONE_BIN,
+// MEGAPHONE_SHIM_EBIN, as make integration sets them) and takes about two
+// minutes.
+func TestSmoke(t *testing.T) {
+	bin, ebin := os.Getenv("MEGAPHONE_BIN"), os.Getenv("MEGAPHONE_SHIM_EBIN")
+	if bin == "" || ebin == "" || testing.Short() {
+		t.Skip("needs MEGAPHONE_BIN and MEGAPHONE_SHIM_EBIN (a benchmark smoke run, not a unit test)")
+	}
+	dir := t.TempDir()
+	c := config{bin: bin, ebin: ebin, ns: []int{20}, workers: 10, pairs: 5, chatFor: time.Second, pacedRate: 5,
+		idle: minIdle, dialer: loadgen.NewDialer(4), out: filepath.Join(dir, "bench.md"),
+		kinds: []loadgen.Kind{loadgen.TCP, loadgen.TLS, loadgen.WebSocket, loadgen.BOSH}}
+	if _, err := exec.LookPath("gnuplot"); err == nil {
+		c.plots = dir
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	if err := run(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	report, err := os.ReadFile(c.out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"| TCP c2s | Megaphone | 20 |", "| BOSH | native | 20 |", "| WebSocket | native |", "Failed"} {
+		if got := strings.Contains(string(report), want); got != (want != "Failed") {
+			t.Errorf("report: %q present %v\n%s", want, got, report)
+		}
+	}
+	if c.plots != "" {
+		if _, err := os.Stat(filepath.Join(dir, "memory.png")); err != nil {
+			t.Error(err)
+		}
+	}
+}
