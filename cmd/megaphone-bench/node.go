@@ -135,7 +135,7 @@ func startSidecar(ctx context.Context, c config, nd *node, kind loadgen.Kind) (*
 		return nil, err
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	args := []string{"--node", nd.ej.Node, "--cookie-file", nd.ej.CookieFile, "--log-level", "warn", "--admin-addr", ""}
+	args := nd.sidecarArgs()
 	t := loadgen.Target{Kind: kind, Addr: addr, Domain: "localhost"}
 	switch kind {
 	case loadgen.TCP:
@@ -150,6 +150,12 @@ func startSidecar(ctx context.Context, c config, nd *node, kind loadgen.Kind) (*
 		t.Path = "/bosh"
 	}
 	return launchSidecar(ctx, c, nd, args, t)
+}
+
+// sidecarArgs attaches a sidecar to the node, quietly and without its admin
+// endpoint (whose fixed default port another sidecar on the box may hold).
+func (nd *node) sidecarArgs(listeners ...string) []string {
+	return append([]string{"--node", nd.ej.Node, "--cookie-file", nd.ej.CookieFile, "--log-level", "warn", "--admin-addr", ""}, listeners...)
 }
 
 func launchSidecar(ctx context.Context, c config, nd *node, args []string, t loadgen.Target) (*sidecar, error) {

@@ -99,8 +99,8 @@ func tsungScenario(ctx context.Context, c config, file, logDir string) (string, 
 		return "", err
 	}
 	c2s := fmt.Sprintf("127.0.0.1:%d", tsungMegaphoneC2S)
-	sc, err := launchSidecar(ctx, c, nd, []string{"--node", nd.ej.Node, "--cookie-file", nd.ej.CookieFile, "--log-level", "warn",
-		"--admin-addr", "", "--c2s-addr", c2s, "--bosh-addr", fmt.Sprintf("127.0.0.1:%d", tsungMegaphoneHTTP)}, loadgen.Target{Addr: c2s})
+	sc, err := launchSidecar(ctx, c, nd, nd.sidecarArgs("--c2s-addr", c2s, "--bosh-addr", fmt.Sprintf("127.0.0.1:%d", tsungMegaphoneHTTP)),
+		loadgen.Target{Addr: c2s})
 	if err != nil {
 		return "", err
 	}
