@@ -76,7 +76,7 @@ func TestBOSHOveractiveSessionIsCut(t *testing.T) {
 	waitUntil(t, 10*time.Second, "the hostile session ended in ejabberd", func() bool {
 		return evalInt(t, ej, boshSessionsExpr) == before
 	})
-	if m := scrape(t, admin); !strings.Contains(m, fmt.Sprintf(`megaphone_bosh_requests_outcome_total{outcome="overactive"} %d`, cut+1)) ||
+	if m := scrapeOnce(t, admin); !strings.Contains(m, fmt.Sprintf(`megaphone_bosh_requests_outcome_total{outcome="overactive"} %d`, cut+1)) ||
 		!strings.Contains(m, `megaphone_limit{limit="max_bosh_requests_per_sec"} 5`) {
 		t.Errorf("metrics do not show the cut session and the limit:\n%s", grepLines(m, "overactive", "max_bosh"))
 	}
@@ -85,21 +85,6 @@ func TestBOSHOveractiveSessionIsCut(t *testing.T) {
 	if !res.OK || res.Received["b"] == 0 || res.Received["b"] != res.Sent["a"] {
 		t.Errorf("the calm Strophe client was hurt: %+v", res)
 	}
-}
-
-// scrape reads the sidecar's /metrics.
-func scrape(t *testing.T, admin string) string {
-	t.Helper()
-	resp, err := http.Get("http://" + admin + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
 }
 
 func grepLines(s string, words ...string) string {

@@ -44,6 +44,65 @@ func scrapeOnce(t *testing.T, admin string) string {
 	return string(b)
 }
 
+// rawBOSH posts BOSH bodies by hand, for tests that need to hold a
+// long-poll or see the exact answer.
+type rawBOSH struct {
+	url    string
+	client *http.Client
+}
+
+const httpbindNS = "http://jabber.org/protocol/httpbind"
+
+func newRawBOSH(url string) *rawBOSH {
+	return &rawBOSH{url: url, client: &http.Client{Timeout: 2 * time.Minute}}
+}
+
+// post returns the answer's status and body (0 and the error if none came).
+func (b *rawBOSH) post(body string) (int, string) {
+	resp, err := b.client.Post(b.url, "text/xml; charset=utf-8", strings.NewReader(body))
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	got, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(got)
+}
+
+// newSession opens a session (rid 100, wait 60, hold 1) and returns its sid.
+func (b *rawBOSH) newSession(t *testing.T) string {
+	t.Helper()
+	code, body := b.post("<body xmlns='" + httpbindNS + "' rid='100' to='localhost' wait='60' hold='1' ver='1.6' xmpp:version='1.0' xmlns:xmpp='urn:xmpp:xbosh'/>")
+	sid := regexp.MustCompile(`sid='([0-9a-f]+)'`).FindStringSubmatch(body)
+	if code != 200 || sid == nil {
+		t.Fatalf("session creation: %d %q", code, body)
+	}
+	return sid[1]
+}
+
+// recoveredFromLinkFault checks what must hold once a link fault is over:
+// the sidecar re-attaches within limit, new BOSH and TLS logins work,
+// ejabberd keeps no session, c2s or request process beyond its baseline,
+// and the sidecar's sockets are back to theirs.
+func recoveredFromLinkFault(t *testing.T, ej *harness.Ejabberd, sc *streamSidecar, bosh *rawBOSH, limit time.Duration, baseLeftover, baseFDs int) {
+	t.Helper()
+	select {
+	case <-sc.exited:
+		t.Fatalf("the sidecar exited:\n%s", tail(sc.logs(), 40))
+	default:
+	}
+	waitUntil(t, limit, "the sidecar re-attaches", func() bool {
+		return strings.Count(sc.logs(), "attached to the shim") >= 2
+	})
+	bosh.newSession(t)
+	rawLogin(t, sc.c2sTLS, "bob").Close()
+	waitUntil(t, 40*time.Second, "ejabberd keeps no session, c2s or request process", func() bool {
+		return evalInt(t, ej, "length(maps:get(sidecars, megaphone:status()))") == 1 &&
+			evalInt(t, ej, leftoverExpr) == baseLeftover
+	})
+	bosh.client.CloseIdleConnections() // the sidecar holds their other ends
+	waitUntil(t, 20*time.Second, "the sidecar's sockets back to baseline", func() bool { return sc.openFiles(t) <= baseFDs })
+}
+
 // rssKiB reads a process's resident set size from /proc.
 func rssKiB(t *testing.T, pid int) int {
 	t.Helper()
@@ -91,30 +150,11 @@ func TestDistributionLinkDroppedMidTraffic(t *testing.T) {
 	fds := sc.openFiles(t)
 	baseGoroutines := goroutines(t, admin)
 
-	const ns = "http://jabber.org/protocol/httpbind"
-	client := &http.Client{Timeout: time.Minute}
-	post := func(body string) (int, string) {
-		resp, err := client.Post(sc.url(), "text/xml; charset=utf-8", strings.NewReader(body))
-		if err != nil {
-			return 0, err.Error()
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
-	newSession := func() string {
-		t.Helper()
-		code, body := post("<body xmlns='" + ns + "' rid='100' to='localhost' wait='60' hold='1' ver='1.6' xmpp:version='1.0' xmlns:xmpp='urn:xmpp:xbosh'/>")
-		sid := regexp.MustCompile(`sid='([0-9a-f]+)'`).FindStringSubmatch(body)
-		if code != 200 || sid == nil {
-			t.Fatalf("session creation: %d %q", code, body)
-		}
-		return sid[1]
-	}
-	sid := newSession()
+	bosh := newRawBOSH(sc.url())
+	sid := bosh.newSession(t)
 	polled := make(chan string, 1)
 	go func() {
-		_, body := post(fmt.Sprintf("<body xmlns='%s' sid='%s' rid='101'/>", ns, sid))
+		_, body := bosh.post(fmt.Sprintf("<body xmlns='%s' sid='%s' rid='101'/>", httpbindNS, sid))
 		polled <- body
 	}()
 
@@ -161,17 +201,7 @@ func TestDistributionLinkDroppedMidTraffic(t *testing.T) {
 	}
 	wg.Wait()
 
-	waitUntil(t, 30*time.Second, "the sidecar re-attaches", func() bool {
-		return strings.Count(sc.logs(), "attached to the shim") >= 2
-	})
-	newSession()
-	rawLogin(t, sc.c2sTLS, "bob").Close()
-	waitUntil(t, 40*time.Second, "ejabberd keeps no session, c2s or request process", func() bool {
-		return evalInt(t, ej, "length(maps:get(sidecars, megaphone:status()))") == 1 &&
-			evalInt(t, ej, leftoverExpr) == base
-	})
-	client.CloseIdleConnections()
-	waitUntil(t, 20*time.Second, "the sidecar's sockets back to baseline", func() bool { return sc.openFiles(t) <= fds })
+	recoveredFromLinkFault(t, ej, sc, bosh, 30*time.Second, base, fds)
 	settleGoroutines(t, admin, baseGoroutines, 2)
 	if strings.Contains(sc.logs(), "panic") {
 		t.Errorf("the sidecar panicked:\n%s", tail(sc.logs(), 40))

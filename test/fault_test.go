@@ -3,8 +3,6 @@ package test
 import (
 	"fmt"
 	"io"
-	"net/http"
-	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -31,28 +29,8 @@ func TestEjabberdPausedPastTickTime(t *testing.T) {
 	sc := startStreamSidecar(t, ej, "--tick-interval", "2s")
 	fds := sc.openFiles(t)
 
-	const ns = "http://jabber.org/protocol/httpbind"
-	client := &http.Client{Timeout: 2 * time.Minute}
-	post := func(body string) (int, string) {
-		t.Helper()
-		resp, err := client.Post(sc.url(), "text/xml; charset=utf-8", strings.NewReader(body))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
-	newSession := func() string {
-		t.Helper()
-		code, body := post("<body xmlns='" + ns + "' rid='100' to='localhost' wait='60' hold='1' ver='1.6' xmpp:version='1.0' xmlns:xmpp='urn:xmpp:xbosh'/>")
-		sid := regexp.MustCompile(`sid='([0-9a-f]+)'`).FindStringSubmatch(body)
-		if code != 200 || sid == nil {
-			t.Fatalf("session creation: %d %q", code, body)
-		}
-		return sid[1]
-	}
-	sid := newSession()
+	bosh := newRawBOSH(sc.url())
+	sid := bosh.newSession(t)
 	stream := rawLogin(t, sc.c2sTLS, "alice")
 	defer stream.Close()
 
@@ -78,8 +56,8 @@ func TestEjabberdPausedPastTickTime(t *testing.T) {
 	polled := make(chan answer, 1)
 	go func() {
 		start := time.Now()
-		resp, err := client.Post(sc.url(), "text/xml; charset=utf-8",
-			strings.NewReader(fmt.Sprintf("<body xmlns='%s' sid='%s' rid='101'/>", ns, sid)))
+		resp, err := bosh.client.Post(sc.url(), "text/xml; charset=utf-8",
+			strings.NewReader(fmt.Sprintf("<body xmlns='%s' sid='%s' rid='101'/>", httpbindNS, sid)))
 		if err != nil {
 			polled <- answer{body: err.Error(), took: time.Since(start)}
 			return
@@ -120,22 +98,5 @@ func TestEjabberdPausedPastTickTime(t *testing.T) {
 		t.Error("the XMPP stream is still open after the link was declared dead")
 	}
 	thaw()
-
-	select {
-	case <-sc.exited:
-		t.Fatalf("the sidecar exited:\n%s", tail(sc.logs(), 40))
-	default:
-	}
-	waitUntil(t, 60*time.Second, "the sidecar re-attaches after the pause", func() bool {
-		return strings.Count(sc.logs(), "attached to the shim") >= 2
-	})
-	// New logins work, on both transports.
-	newSession()
-	rawLogin(t, sc.c2sTLS, "bob").Close()
-	waitUntil(t, 40*time.Second, "ejabberd keeps no session, c2s or request process", func() bool {
-		return evalInt(t, ej, "length(maps:get(sidecars, megaphone:status()))") == 1 &&
-			evalInt(t, ej, leftoverExpr) == base
-	})
-	client.CloseIdleConnections() // the sidecar holds their other ends
-	waitUntil(t, 20*time.Second, "the sidecar's sockets back to baseline", func() bool { return sc.openFiles(t) <= fds })
+	recoveredFromLinkFault(t, ej, sc, bosh, 60*time.Second, base, fds)
 }
