@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"regexp"
 	"strconv"
 	"strings"
@@ -136,13 +137,36 @@ func settleGoroutines(t *testing.T, admin string, base, margin int) {
 	t.Errorf("%d goroutines 30 s after the fault, baseline %d (margin %d)", n, base, margin)
 }
 
-// The distribution link closed under the sidecar mid-traffic (ejabberd's
-// erlang:disconnect_node/1, which closes the socket): the held BOSH poll
-// is answered with a remote-connection-failed terminate, the XMPP stream
-// (busy sending) gets the same stream error and is closed, the sidecar
-// re-attaches, new logins work, and its goroutines, sockets and ejabberd's
-// processes return to their baselines.
+// The distribution link closed under the sidecar mid-traffic, from
+// ejabberd's side (erlang:disconnect_node/1 closes its socket) or from the
+// sidecar's (ss -K destroys its socket, as a broken network would): the
+// held BOSH poll is answered with a remote-connection-failed terminate,
+// the XMPP stream (busy sending) gets the same stream error and is closed,
+// the sidecar re-attaches, new logins work, and its goroutines, sockets
+// and ejabberd's processes return to their baselines.
 func TestDistributionLinkDroppedMidTraffic(t *testing.T) {
+	testLinkDropped(t, func(t *testing.T, ej *harness.Ejabberd, sc *streamSidecar) {
+		eval(t, ej, `erlang:disconnect_node('`+sc.name+`')`)
+	})
+}
+
+func TestDistributionSocketDestroyedMidTraffic(t *testing.T) {
+	if _, err := exec.LookPath("ss"); err != nil {
+		t.Skip("no ss (iproute2) to destroy the socket with")
+	}
+	testLinkDropped(t, func(t *testing.T, ej *harness.Ejabberd, sc *streamSidecar) {
+		name, _, _ := strings.Cut(ej.Node, "@")
+		port := eval(t, ej, `{ok, Names} = net_adm:names(), proplists:get_value("`+name+`", Names)`)
+		// Sockets to ejabberd's distribution port: the sidecar's link
+		// (the harness's probes have hung up by now).
+		out, err := exec.Command("ss", "-K", "-t", "dst", "127.0.0.1", "dport", "=", ":"+port).CombinedOutput()
+		if err != nil || !strings.Contains(string(out), ":"+port) {
+			t.Fatalf("ss -K destroyed nothing: %v\n%s", err, out)
+		}
+	})
+}
+
+func testLinkDropped(t *testing.T, drop func(*testing.T, *harness.Ejabberd, *streamSidecar)) {
 	ej := startEjabberd(t, harness.Options{BOSHInactivity: 5 * time.Second})
 	base := evalInt(t, ej, leftoverExpr)
 	admin := freeAddr(t)
@@ -182,7 +206,7 @@ func TestDistributionLinkDroppedMidTraffic(t *testing.T) {
 	}()
 	time.Sleep(time.Second) // traffic flows
 
-	eval(t, ej, `erlang:disconnect_node('`+sc.name+`')`)
+	drop(t, ej, sc)
 	select {
 	case body := <-polled:
 		if !strings.Contains(body, "remote-connection-failed") {
