@@ -91,7 +91,7 @@ func TestSoak(t *testing.T) {
 	for round := 1; round <= rounds; round++ {
 		secs := strconv.Itoa(int(soakRound/time.Second) - 15) // room to log in and out
 		swarm := startSwarm(t, sc.url(), "--users", strconv.Itoa(sessions), "--duration", secs,
-			"--interval-ms", "5000", "--concurrency", "50", "--timeout", "300")
+			"--interval-ms", "5000", "--hung-after", "20", "--concurrency", "50", "--timeout", "300")
 		pairs := map[string]*nodeClient{}
 		for i, tr := range []struct{ name, service string }{
 			{"starttls", "xmpp://" + sc.c2s}, {"tls", "xmpps://" + sc.c2sTLS}, {"websocket", sc.wsURL()},
