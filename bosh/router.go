@@ -37,6 +37,9 @@ type router struct {
 	nodes []Node
 	next  atomic.Uint64
 
+	// order keeps each session's requests in rid order (order.go).
+	order *ridOrder
+
 	mu     sync.Mutex
 	owners map[string]owner // by sid
 	sweeps int
@@ -87,7 +90,7 @@ func (r *router) admit(sid string, perSec int, now time.Time) (ok, cutNow bool) 
 }
 
 func newRouter(nodes []Node) *router {
-	return &router{nodes: nodes, owners: make(map[string]owner)}
+	return &router{nodes: nodes, owners: make(map[string]owner), order: newRIDOrder()}
 }
 
 // route forwards one request and learns from the answer. It returns the
@@ -97,7 +100,12 @@ func (r *router) route(ctx context.Context, req etf.BOSHRequest, info bodyInfo) 
 	if err != nil {
 		return etf.BOSHResponse{}, info.SID, err
 	}
-	resp, err := r.nodes[i].ProcessBOSH(ctx, req)
+	sent, err := r.order.enter(ctx, info.SID, info.RID)
+	if err != nil {
+		return etf.BOSHResponse{}, info.SID, err
+	}
+	resp, err := r.nodes[i].ProcessBOSH(etf.WithSent(ctx, sent), req)
+	sent() // in case the backend did not say
 	if err != nil {
 		return resp, info.SID, err
 	}
@@ -105,8 +113,10 @@ func (r *router) route(ctx context.Context, req etf.BOSHRequest, info bodyInfo) 
 	switch {
 	case info.Terminate || terminate:
 		r.forget(info.SID)
+		r.order.forget(info.SID)
 	case info.SID == "" && sid != "":
 		r.remember(sid, i, resp.Body)
+		r.order.opened(sid, info.RID)
 	case info.SID != "":
 		sid = info.SID
 		r.remember(sid, i, resp.Body)

@@ -209,6 +209,7 @@ func (a *Attachment) ProcessBOSH(ctx context.Context, req etf.BOSHRequest) (etf.
 	if err := s.send(req.Term()); err != nil {
 		return etf.BOSHResponse{}, fmt.Errorf("%w: %v", ErrLinkLost, err)
 	}
+	etf.Sent(ctx) // the request is on the link: the next of its session may follow
 	select {
 	case resp := <-ch:
 		return resp, nil

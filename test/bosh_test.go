@@ -90,7 +90,7 @@ func testSidecarKilledAndRestartedMidChat(t *testing.T, tg target) {
 	waitUntil(t, 3*time.Second, "shim ends the dead sidecar's requests", func() bool {
 		return evalInt(t, ej, "length(maps:get(sidecars, megaphone:status()))") == 0 &&
 			evalInt(t, ej, `length([P || P <- erlang:processes(),
-			    proc_lib:translate_initial_call(P) == {megaphone_bosh, run, 5}])`) == 0
+			    proc_lib:translate_initial_call(P) == {megaphone_bosh, run, 6}])`) == 0
 	})
 	// The BOSH sessions are ejabberd's; they must still be there.
 	if n := evalInt(t, ej, "length(ejabberd_sm:dirty_get_sessions_list())"); n != 2 {

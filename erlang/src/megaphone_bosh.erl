@@ -6,7 +6,7 @@
 %% The answer goes straight to the sidecar, not back through the session.
 -module(megaphone_bosh).
 
--export([start/5, run/5, valid_peer/1, error_response/4]).
+-export([start/6, run/6, session_id/1, valid_peer/1, error_response/4]).
 
 -define(BYTE(X), (is_integer(X) andalso X >= 0 andalso X =< 255)).
 -define(PORT(X), (is_integer(X) andalso X >= 0 andalso X =< 65535)).
@@ -14,14 +14,24 @@
 -type peer() :: {inet:ip_address(), inet:port_number()}.
 -export_type([peer/0]).
 
-%% @doc Starts a monitored worker for one request.
--spec start(pid(), non_neg_integer(), non_neg_integer(), peer(), binary()) -> {pid(), reference()}.
-start(Sidecar, ConnId, ReqId, Peer, Body) ->
-    spawn_monitor(?MODULE, run, [Sidecar, ConnId, ReqId, Peer, Body]).
+%% How long a worker waits for the one before it in its BOSH session to
+%% hand its request to ejabberd_bosh: polls 1 ms apart. That takes
+%% microseconds (a parse and a table lookup); the bound only keeps a worker
+%% from waiting on one that is stuck elsewhere.
+-define(HANDOFF_POLLS, 100).
+
+%% @doc Starts a monitored worker for one request. Prev is the worker of
+%% the request the sidecar sent just before it in the same BOSH session
+%% (none if there is none in flight): see wait_handed_over/2.
+-spec start(pid(), non_neg_integer(), non_neg_integer(), peer(), binary(), pid() | none) ->
+          {pid(), reference()}.
+start(Sidecar, ConnId, ReqId, Peer, Body, Prev) ->
+    spawn_monitor(?MODULE, run, [Sidecar, ConnId, ReqId, Peer, Body, Prev]).
 
 %% @private The worker's body.
--spec run(pid(), non_neg_integer(), non_neg_integer(), peer(), binary()) -> ok.
-run(Sidecar, ConnId, ReqId, Peer, Body) ->
+-spec run(pid(), non_neg_integer(), non_neg_integer(), peer(), binary(), pid() | none) -> ok.
+run(Sidecar, ConnId, ReqId, Peer, Body, Prev) ->
+    wait_handed_over(Prev, ?HANDOFF_POLLS),
     Reply = try ejabberd_bosh:process_request(Body, Peer, xml) of
                 {Status, Reason, Headers, RespBody} when is_integer(Status) ->
                     {bosh_response, ConnId, ReqId, Status, to_binary(Reason),
@@ -39,6 +49,62 @@ run(Sidecar, ConnId, ReqId, Peer, Body) ->
     %% session process will kill us anyway.
     erlang:send(Sidecar, Reply, [noconnect]),
     ok.
+
+%% Waits until Prev, the previous worker of this request's BOSH session,
+%% has handed its request to the session's ejabberd_bosh process (it waits
+%% in gen:call for the answer, so its request is in that process's mailbox)
+%% or has ended. The sidecar sends a session's requests in rid order; two
+%% workers started a moment apart could still reach ejabberd_bosh the other
+%% way round, and ejabberd_bosh (23.01, 24.12) never comes back to a request
+%% that came early when the one before it is an empty poll it holds: the
+%% client waits for its stanza until the session ends (bosh/order.go).
+-spec wait_handed_over(pid() | none, non_neg_integer()) -> ok.
+wait_handed_over(none, _) ->
+    ok;
+wait_handed_over(_, 0) ->
+    ok;
+wait_handed_over(Prev, N) ->
+    case erlang:process_info(Prev, [status, current_function]) of
+        undefined -> ok;
+        [{status, waiting}, {current_function, {gen, do_call, 4}}] -> ok;
+        _ -> receive after 1 -> wait_handed_over(Prev, N - 1) end
+    end.
+
+%% @doc The sid attribute of a BOSH body's root element, or none. Reads
+%% the root's start tag only: the session process calls it for every
+%% request. The sidecar has checked the body is well-formed XML.
+-spec session_id(binary()) -> binary() | none.
+session_id(Body) ->
+    try root_attrs(Body) of
+        Sid when is_binary(Sid) -> Sid;
+        _ -> none
+    catch
+        _:_ -> none
+    end.
+
+root_attrs(<<"<?", _/binary>> = B) -> root_attrs(skip_past(B, <<"?>">>));
+root_attrs(<<"<!--", _/binary>> = B) -> root_attrs(skip_past(B, <<"-->">>));
+root_attrs(<<"<", Rest/binary>>) -> attr(skip_name(Rest));
+root_attrs(<<_, Rest/binary>>) -> root_attrs(Rest).
+
+skip_past(B, End) ->
+    {Pos, Len} = binary:match(B, End),
+    binary:part(B, Pos + Len, byte_size(B) - Pos - Len).
+
+skip_name(<<C, _/binary>> = B) when C =:= $\s; C =:= $\t; C =:= $\r; C =:= $\n; C =:= $/; C =:= $> -> B;
+skip_name(<<_, Rest/binary>>) -> skip_name(Rest).
+
+attr(<<C, Rest/binary>>) when C =:= $\s; C =:= $\t; C =:= $\r; C =:= $\n -> attr(Rest);
+attr(<<C, _/binary>>) when C =:= $/; C =:= $> -> none;
+attr(B) ->
+    [Name, AfterEq] = binary:split(B, <<"=">>),
+    <<Q, Value0/binary>> = string:trim(AfterEq, leading),
+    true = Q =:= $' orelse Q =:= $",
+    [Value, Rest] = binary:split(Value0, <<Q>>),
+    case string:trim(Name) of
+        <<"sid">> -> Value;
+        _ -> attr(Rest)
+    end.
 
 %% @doc An HTTP error for a request that ejabberd could not answer.
 -spec error_response(non_neg_integer(), non_neg_integer(), 100..999, binary()) -> tuple().

@@ -33,6 +33,12 @@
           started :: integer(),                          % erlang:system_time(second)
           workers = #{} :: #{reference() => {non_neg_integer(), non_neg_integer(), pid()}},
           by_request = #{} :: #{{non_neg_integer(), non_neg_integer()} => reference()},
+          %% The last worker started for each BOSH session (by sid) while
+          %% it runs, and the sid of each such worker: the next request of
+          %% the session waits for it to reach ejabberd_bosh first
+          %% (megaphone_bosh:wait_handed_over/2).
+          last_of_session = #{} :: #{binary() => reference()},
+          session_of = #{} :: #{reference() => {binary(), pid()}},
           requests = 0 :: non_neg_integer(),
           streams = 0 :: non_neg_integer(),
           %% Live c2s processes, by monitor, with their reductions at the
@@ -121,8 +127,8 @@ handle_info({garbage_collect, megaphone_sweep, _}, State) ->
 handle_info({'DOWN', Ref, process, _, Reason}, #state{workers = Workers} = State) ->
     case maps:take(Ref, Workers) of
         {{ConnId, ReqId, _Pid}, Rest} ->
-            State1 = State#state{workers = Rest,
-                                 by_request = maps:remove({ConnId, ReqId}, State#state.by_request)},
+            State1 = worker_gone(Ref, State#state{workers = Rest,
+                                                  by_request = maps:remove({ConnId, ReqId}, State#state.by_request)}),
             {noreply, worker_ended(ConnId, ReqId, Reason, State1)};
         error ->
             {noreply, State}
@@ -199,11 +205,34 @@ ejabberd_version() ->
         undefined -> <<"not running">>
     end.
 
-start_worker(ConnId, ReqId, Peer, Body, #state{sidecar = Sidecar} = State) ->
-    {Pid, Ref} = megaphone_bosh:start(Sidecar, ConnId, ReqId, Peer, Body),
-    State#state{workers = (State#state.workers)#{Ref => {ConnId, ReqId, Pid}},
-                by_request = (State#state.by_request)#{{ConnId, ReqId} => Ref},
-                requests = State#state.requests + 1}.
+start_worker(ConnId, ReqId, Peer, Body, #state{sidecar = Sidecar, last_of_session = Last,
+                                                session_of = Of} = State) ->
+    Sid = megaphone_bosh:session_id(Body),
+    Prev = case maps:find(Sid, Last) of
+               {ok, PrevRef} -> element(2, maps:get(PrevRef, Of));
+               error -> none
+           end,
+    {Pid, Ref} = megaphone_bosh:start(Sidecar, ConnId, ReqId, Peer, Body, Prev),
+    State1 = case Sid of
+                 none -> State;
+                 _ -> State#state{last_of_session = Last#{Sid => Ref}, session_of = Of#{Ref => {Sid, Pid}}}
+             end,
+    State1#state{workers = (State#state.workers)#{Ref => {ConnId, ReqId, Pid}},
+                 by_request = (State#state.by_request)#{{ConnId, ReqId} => Ref},
+                 requests = State#state.requests + 1}.
+
+%% Forgets a worker that ended as its session's last one.
+worker_gone(Ref, #state{last_of_session = Last, session_of = Of} = State) ->
+    case maps:take(Ref, Of) of
+        {{Sid, _}, Of1} ->
+            Last1 = case Last of
+                        #{Sid := Ref} -> maps:remove(Sid, Last);
+                        _ -> Last
+                    end,
+            State#state{last_of_session = Last1, session_of = Of1};
+        error ->
+            State
+    end.
 
 worker_ended(_ConnId, _ReqId, normal, State) ->
     State;

@@ -326,3 +326,14 @@ random_leaf() ->
         7 -> make_ref();
         8 -> rand:uniform()
     end.
+
+%% The sid of a BOSH body's root, as the session reads it to keep a
+%% session's requests in order; a sid deeper in the body is not the root's.
+session_id_test() ->
+    S = fun megaphone_bosh:session_id/1,
+    ?assertEqual(<<"abc">>, S(<<"<body xmlns='http://jabber.org/protocol/httpbind' rid='5' sid='abc'><iq sid='x'/></body>">>)),
+    ?assertEqual(<<"s1">>, S(<<"<?xml version='1.0'?>\n<!-- c --><b:body xmlns:b=\"x\" to = \"a sid='q'\" sid = \"s1\"/>">>)),
+    ?assertEqual(none, S(<<"<body xmlns='x' rid='5'><x sid='no'/></body>">>)),
+    ?assertEqual(none, S(<<"garbage">>)),
+    ?assertEqual(none, S(<<>>)),
+    ?assertEqual(none, S(<<"<body sid>">>)).
