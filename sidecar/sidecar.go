@@ -217,7 +217,7 @@ func (s *Sidecar) serveHTTP(serveErr chan<- error) error {
 		}
 	}
 	srv := &http.Server{
-		Handler:           s.closeAfterHandoff(mux),
+		Handler:           mux,
 		ConnContext:       func(ctx context.Context, c net.Conn) context.Context { return sockets.WithConn(ctx, c) },
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,

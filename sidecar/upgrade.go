@@ -18,7 +18,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"sync"
 	"syscall"
@@ -353,25 +352,12 @@ func (s *Sidecar) detachListeners() ([]*os.File, []string, error) {
 	}
 	s.upgrade.byRole = nil
 	s.listeners = nil
+	// HTTP connections close after their current request, so clients open
+	// their next ones to the new process.
+	if s.httpSrv != nil {
+		s.httpSrv.SetKeepAlivesEnabled(false)
+	}
 	return files, roles, nil
-}
-
-// closeAfterHandoff makes every HTTP response of this process, once a new
-// one has taken over, close its connection: the client's next request
-// opens a new one, which the new process accepts. Idle keep-alive
-// connections are not closed under the client: a request it sends on one
-// at that instant would fail, Strophe would re-send its rid out of order,
-// and ejabberd 23.01's BOSH session can crash on that (a duplicate rid
-// among those it holds). A request that still comes on one is served here.
-func (s *Sidecar) closeAfterHandoff(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-s.upgrade.handedOver:
-			w.Header().Set("Connection", "close")
-		default:
-		}
-		next.ServeHTTP(w, r)
-	})
 }
 
 // reattachListeners serves again on the listening sockets detachListeners
