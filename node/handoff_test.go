@@ -1,7 +1,6 @@
 package node
 
 import (
-	"context"
 	"encoding/binary"
 	"net"
 	"testing"
@@ -215,23 +214,15 @@ func dupConn(t *testing.T, c net.Conn) net.Conn {
 // still under way when the test acts.
 func dialGated(t *testing.T, p *peerNode, cfg Config, at int64) (cn *connected, reached <-chan struct{}, gate chan struct{}) {
 	t.Helper()
-	cfg.Cookie, cfg.Logger = p.cookie, zaptest.NewLogger(t)
-	n, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := newCollector()
 	here, gate := make(chan struct{}), make(chan struct{})
-	link, err := n.Dial(context.Background(), p.name, func(l *Link, d Delivery) {
-		if m, ok := d.Msg.(etf.Tuple); ok && len(m) == 2 && m[0] == etf.Atom("seq") && m[1] == at {
-			close(here)
-			<-gate
+	cn = dialPeerVia(t, p, cfg, func(next Handler) Handler {
+		return func(l *Link, d Delivery) {
+			if m, ok := d.Msg.(etf.Tuple); ok && len(m) == 2 && m[0] == etf.Atom("seq") && m[1] == at {
+				close(here)
+				<-gate
+			}
+			next(l, d)
 		}
-		c.handle(l, d)
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(link.Close)
-	return &connected{node: n, link: link, in: c}, here, gate
+	return cn, here, gate
 }

@@ -242,13 +242,19 @@ type connected struct {
 // dialPeer makes a sidecar node called name and links it to the peer.
 func dialPeer(t *testing.T, p *peerNode, cfg Config) *connected {
 	t.Helper()
+	return dialPeerVia(t, p, cfg, func(h Handler) Handler { return h })
+}
+
+// dialPeerVia is dialPeer with the collector's handler wrapped by wrap.
+func dialPeerVia(t *testing.T, p *peerNode, cfg Config, wrap func(Handler) Handler) *connected {
+	t.Helper()
 	cfg.Cookie, cfg.Logger = p.cookie, zaptest.NewLogger(t)
 	n, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := newCollector()
-	link, err := n.Dial(context.Background(), p.name, c.handle)
+	link, err := n.Dial(context.Background(), p.name, wrap(c.handle))
 	if err != nil {
 		t.Fatal(err)
 	}
