@@ -241,13 +241,9 @@ func (h *Handler) endOveractiveSession(ctx context.Context, connID uint64, peer 
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), overactiveTerminateWait)
 	defer cancel()
 	req := etf.BOSHRequest{ConnID: connID, ReqID: h.reqIDs.Add(1), Peer: peer, Body: []byte(body)}
-	// Straight to the session's node, not through route: the router keeps
-	// the session as cut, whatever ejabberd answers.
-	i, err := h.router.pick(ctx, info.SID)
-	if err == nil {
-		_, err = h.router.nodes[i].ProcessBOSH(ctx, req)
-	}
-	if err != nil {
+	// Through route, so that it takes its place in the session's rid
+	// order; the router keeps the session as cut, whatever ejabberd answers.
+	if _, _, err := h.router.route(ctx, req, bodyInfo{SID: info.SID, RID: info.RID, Terminate: true}); err != nil {
 		h.log.Debug("terminate of an overactive session not delivered", zap.Error(err))
 	}
 }
