@@ -119,8 +119,12 @@ func TestSoak(t *testing.T) {
 		}
 		settled(fmt.Sprintf("round %d: everyone logged out", round))
 		f := measure(round)
-		t.Logf("round %d/%d: sidecar live heap %d MiB (measured first and last), RSS %d MiB, %d goroutines, %d fds; beam %d MiB, %d processes",
-			round, rounds, f.heapMiB, f.rssMiB, f.goroutines, f.fds, f.beamMiB, f.processes)
+		heap := "" // measured in the first and last rounds only
+		if f.heapMiB > 0 {
+			heap = fmt.Sprintf("live heap %d MiB, ", f.heapMiB)
+		}
+		t.Logf("round %d/%d: sidecar %sRSS %d MiB, %d goroutines, %d fds; beam %d MiB, %d processes",
+			round, rounds, heap, f.rssMiB, f.goroutines, f.fds, f.beamMiB, f.processes)
 		if round == 1 {
 			warm = f
 		}
