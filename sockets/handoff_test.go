@@ -146,9 +146,9 @@ func TestPlainStreamMoves(t *testing.T) {
 		!strings.HasSuffix(got.String(), "</stream:stream>") {
 		t.Errorf("client got %s", got.String())
 	}
-	if i, ok := to.Lookup(st.ConnID); ok {
-		t.Errorf("connection %d still open in the new registry: %+v", st.ConnID, i.Info())
-	}
+	// The client sees EOF as the socket closes, a moment before the close
+	// has taken the connection out of the registry: wait for it, bounded.
+	waitOpen(t, to, 0)
 }
 
 // A WebSocket stream paused with half a frame read moves the same way:
