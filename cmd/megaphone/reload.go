@@ -26,25 +26,35 @@ var liveSettings = map[string]bool{"max-conns": true, "max-conns-per-ip": true, 
 // reloadOnHUP re-reads the settings (flags, environment, config file) on
 // each SIGHUP until ctx ends; see reload.
 func reloadOnHUP(ctx context.Context, cur options, sc *sidecar.Sidecar, level zap.AtomicLevel, log *zap.Logger) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+	onSignal(ctx, syscall.SIGHUP, nil, func() {
+		next, err := loadOptions(os.Args[1:], os.LookupEnv)
+		if err != nil {
+			log.Error("config reload failed; keeping the running settings", zap.Error(err))
+		} else {
+			cur = reload(cur, next, sc, level, log)
+		}
+		if err := sc.ReloadCertificates(); err != nil {
+			log.Error("certificate reload failed; keeping the old one", zap.Error(err))
+		} else if cur.tlsCert != "" {
+			log.Info("certificate reloaded", zap.String("tls-cert", cur.tlsCert))
+		}
+	})
+}
+
+// onSignal runs act on each sig, one at a time, until ctx ends or stop is
+// closed (a nil stop never is).
+func onSignal(ctx context.Context, sig os.Signal, stop <-chan struct{}, act func()) {
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, sig)
+	defer signal.Stop(ch)
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-hup:
-			next, err := loadOptions(os.Args[1:], os.LookupEnv)
-			if err != nil {
-				log.Error("config reload failed; keeping the running settings", zap.Error(err))
-			} else {
-				cur = reload(cur, next, sc, level, log)
-			}
-			if err := sc.ReloadCertificates(); err != nil {
-				log.Error("certificate reload failed; keeping the old one", zap.Error(err))
-			} else if cur.tlsCert != "" {
-				log.Info("certificate reloaded", zap.String("tls-cert", cur.tlsCert))
-			}
+		case <-stop:
+			return
+		case <-ch:
+			act()
 		}
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"os/signal"
 	"strconv"
 	"strings"
 	"syscall"
@@ -24,25 +23,15 @@ import (
 // This is the upgrade of a running service: install the new binary over
 // the old, then `systemctl kill -s USR2 --kill-whom=main megaphone`.
 func upgradeOnUSR2(ctx context.Context, o options, sc *sidecar.Sidecar, log *zap.Logger) {
-	usr2 := make(chan os.Signal, 1)
-	signal.Notify(usr2, syscall.SIGUSR2)
-	defer signal.Stop(usr2)
-	for {
-		select {
-		case <-ctx.Done():
+	onSignal(ctx, syscall.SIGUSR2, sc.HandedOver(), func() {
+		if o.handoffSocket == "" {
+			log.Error("SIGUSR2: no --handoff-socket to hand over on; not upgrading")
 			return
-		case <-sc.HandedOver():
-			return
-		case <-usr2:
-			if o.handoffSocket == "" {
-				log.Error("SIGUSR2: no --handoff-socket to hand over on; not upgrading")
-				continue
-			}
-			if err := startSuccessor(ctx, o, sc, log); err != nil {
-				log.Error("SIGUSR2: the new binary did not take over; carrying on", zap.Error(err))
-			}
 		}
-	}
+		if err := startSuccessor(ctx, o, sc, log); err != nil {
+			log.Error("SIGUSR2: the new binary did not take over; carrying on", zap.Error(err))
+		}
+	})
 }
 
 // startSuccessor runs our executable's path (the new binary, if one was
