@@ -39,11 +39,18 @@ type Config struct {
 	TLSCert    string   // PEM files for client TLS
 	TLSKey     string
 
-	Limits           sockets.Limits
-	TickInterval     time.Duration // the distribution link's tick (0: node's default)
-	HandshakeTimeout time.Duration // a stream's opening, TLS included
-	MaxWait          time.Duration // the longest a BOSH request waits for ejabberd
-	ShutdownGrace    time.Duration // how long a drain on shutdown waits for streams
+	Limits       sockets.Limits
+	TickInterval time.Duration // the distribution link's tick (0: node's default)
+	// The HTTP listener's bounds on slow or idle clients (0: 10 s, 30 s,
+	// 120 s and 16 KiB): a request's headers must arrive within
+	// HTTPHeaderTimeout and the whole request within HTTPReadTimeout; a
+	// keep-alive connection may idle HTTPIdleTimeout; headers over
+	// HTTPMaxHeaderBytes get 431.
+	HTTPHeaderTimeout, HTTPReadTimeout, HTTPIdleTimeout time.Duration
+	HTTPMaxHeaderBytes                                  int
+	HandshakeTimeout                                    time.Duration // a stream's opening, TLS included
+	MaxWait                                             time.Duration // the longest a BOSH request waits for ejabberd
+	ShutdownGrace                                       time.Duration // how long a drain on shutdown waits for streams
 
 	// Hot upgrade (upgrade.go): where this sidecar offers its sockets to a
 	// new one, where a new one takes them from, and how long the old one
@@ -219,11 +226,11 @@ func (s *Sidecar) serveHTTP(serveErr chan<- error) error {
 	srv := &http.Server{
 		Handler:           mux,
 		ConnContext:       func(ctx context.Context, c net.Conn) context.Context { return sockets.WithConn(ctx, c) },
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		WriteTimeout:      s.cfg.MaxWait + 10*time.Second,
-		IdleTimeout:       120 * time.Second,
-		MaxHeaderBytes:    16 << 10,
+		ReadHeaderTimeout: orDefault(s.cfg.HTTPHeaderTimeout, 10*time.Second),
+		ReadTimeout:       orDefault(s.cfg.HTTPReadTimeout, 30*time.Second),
+		WriteTimeout:      s.cfg.MaxWait + 10*time.Second, // a held long-poll's answer must get out
+		IdleTimeout:       orDefault(s.cfg.HTTPIdleTimeout, 120*time.Second),
+		MaxHeaderBytes:    orDefault(s.cfg.HTTPMaxHeaderBytes, 16<<10),
 		ErrorLog:          zap.NewStdLog(s.log.Named("http")),
 	}
 	s.mu.Lock()
@@ -357,4 +364,13 @@ func (s *Sidecar) Shutdown(grace time.Duration) {
 		time.Sleep(200 * time.Millisecond) // lets the stream errors reach the clients
 	}
 	s.log.Info("drained")
+}
+
+// orDefault is v, or def when v is zero (not set).
+func orDefault[T comparable](v, def T) T {
+	var zero T
+	if v == zero {
+		return def
+	}
+	return v
 }

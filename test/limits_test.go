@@ -55,17 +55,19 @@ func dialTCP(t *testing.T, addr string) net.Conn {
 }
 
 // Slow HTTP clients cannot hold the BOSH listener: headers that trickle in
-// are cut at the header timeout (10 s), a body that trickles in at the
-// read timeout (30 s) with a 400; headers over 16 KiB get 431. A real
-// client chats through the same sidecar meanwhile.
+// are cut at the header timeout (--http-header-timeout, 3 s here), a body
+// that trickles in at the read timeout (--http-read-timeout, 8 s here)
+// with a 400; headers over --http-max-header-bytes (4 KiB here) get 431.
+// A real client chats through the same sidecar meanwhile.
 func TestBOSHSlowClientsAreCut(t *testing.T) {
 	ej := startEjabberd(t, harness.Options{})
-	sc := startSidecar(t, ej, "")
-	bystanders := startClient(t, sc.url(), "--mode", "live", "--duration", "35", "--timeout", "90")
+	sc := startSidecar(t, ej, "", "--http-header-timeout", "3s", "--http-read-timeout", "8s",
+		"--http-max-header-bytes", "4096")
+	bystanders := startClient(t, sc.url(), "--mode", "live", "--duration", "15", "--timeout", "90")
 	bystanders.waitReady(t)
 
-	if got := rawHTTP(t, sc.addr, "POST /bosh HTTP/1.1\r\nHost: x\r\nX-Big: "+strings.Repeat("x", 20<<10)+"\r\n\r\n"); !strings.HasPrefix(got, "HTTP/1.1 431") {
-		t.Errorf("20 KiB of headers: %q", tail(got, 3))
+	if got := rawHTTP(t, sc.addr, "POST /bosh HTTP/1.1\r\nHost: x\r\nX-Big: "+strings.Repeat("x", 8<<10)+"\r\n\r\n"); !strings.HasPrefix(got, "HTTP/1.1 431") {
+		t.Errorf("8 KiB of headers: %q", tail(got, 3))
 	}
 
 	type result struct {
@@ -82,10 +84,10 @@ func TestBOSHSlowClientsAreCut(t *testing.T) {
 		results <- result{what, got, closed, time.Since(start)}
 	}
 	// Bounds between the timeout and the next one up: without the header
-	// timeout the read timeout (30 s) would cut the headers, and without
+	// timeout the read timeout (8 s) would cut the headers, and without
 	// the read timeout nothing would cut the body.
-	go slow("headers", "POST /bosh HTTP/1.1\r\nHost: x\r\n", "X-Slow: 1\r\n", 20*time.Second)
-	go slow("body", "POST /bosh HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: 100000\r\n\r\n<body ", "a", 45*time.Second)
+	go slow("headers", "POST /bosh HTTP/1.1\r\nHost: x\r\n", "X-Slow: 1\r\n", 6*time.Second)
+	go slow("body", "POST /bosh HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: 100000\r\n\r\n<body ", "a", 20*time.Second)
 	for i := 0; i < 2; i++ {
 		r := <-results
 		t.Logf("slow %s: closed=%v after %s: %q", r.what, r.closed, r.after.Round(100*time.Millisecond), tail(r.got, 2))

@@ -28,36 +28,39 @@ const envPrefix = "MEGAPHONE_"
 const configEnv = envPrefix + "CONFIG"
 
 type options struct {
-	configFile    string
-	nodes         []string
-	tickInterval  time.Duration
-	carrier       string
-	name          string
-	cookieFile    string
-	epmdPort      int
-	boshAddr      string
-	c2sAddr       string
-	c2sTLSAddr    string
-	tlsCert       string
-	wsPath        string
-	handshake     time.Duration
-	tlsKey        string
-	boshPaths     string
-	maxBody       int64
-	maxWait       time.Duration
-	maxConns      int
-	maxConnsPerIP int
-	maxBOSHRate   int
-	logFormat     string
-	logLevel      string
-	shutdownGrace time.Duration
-	adminAddr     string
-	handoffSocket string
-	takeover      string
-	handoffLinger time.Duration
-	distTLSCert   string
-	distTLSKey    string
-	distTLSCA     string
+	configFile   string
+	nodes        []string
+	tickInterval time.Duration
+
+	httpHeaderTimeout, httpReadTimeout, httpIdleTimeout time.Duration
+	httpMaxHeaderBytes                                  int
+	carrier                                             string
+	name                                                string
+	cookieFile                                          string
+	epmdPort                                            int
+	boshAddr                                            string
+	c2sAddr                                             string
+	c2sTLSAddr                                          string
+	tlsCert                                             string
+	wsPath                                              string
+	handshake                                           time.Duration
+	tlsKey                                              string
+	boshPaths                                           string
+	maxBody                                             int64
+	maxWait                                             time.Duration
+	maxConns                                            int
+	maxConnsPerIP                                       int
+	maxBOSHRate                                         int
+	logFormat                                           string
+	logLevel                                            string
+	shutdownGrace                                       time.Duration
+	adminAddr                                           string
+	handoffSocket                                       string
+	takeover                                            string
+	handoffLinger                                       time.Duration
+	distTLSCert                                         string
+	distTLSKey                                          string
+	distTLSCA                                           string
 
 	// values holds every setting as its flag prints it, to tell what a
 	// reload changed.
@@ -90,6 +93,10 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.c2sAddr, "c2s-addr", "", "XMPP client listen address, e.g. 127.0.0.1:5222 (empty: off); STARTTLS is required when --tls-cert is set")
 	fs.StringVar(&o.c2sTLSAddr, "c2s-tls-addr", "", "XMPP direct-TLS (XEP-0368) listen address, e.g. 127.0.0.1:5223 (empty: off; needs --tls-cert)")
 	fs.DurationVar(&o.tickInterval, "tick-interval", 15*time.Second, "how often an idle distribution link ticks; the link is declared dead after 4 ticks (plus 5 s) of silence from ejabberd. Set it to ejabberd's net_ticktime/4 (the default suits net_ticktime 60)")
+	fs.DurationVar(&o.httpHeaderTimeout, "http-header-timeout", 10*time.Second, "how long an HTTP request's headers may take to arrive (slow clients are cut)")
+	fs.DurationVar(&o.httpReadTimeout, "http-read-timeout", 30*time.Second, "how long a whole HTTP request may take to arrive (a slow body gets 400)")
+	fs.DurationVar(&o.httpIdleTimeout, "http-idle-timeout", 120*time.Second, "how long an HTTP keep-alive connection may idle between requests")
+	fs.IntVar(&o.httpMaxHeaderBytes, "http-max-header-bytes", 16<<10, "largest HTTP request header block, in bytes (larger: 431)")
 	fs.DurationVar(&o.handshake, "handshake-timeout", 30*time.Second, "how long a client stream may take to open (header, STARTTLS, TLS handshake)")
 	fs.StringVar(&o.wsPath, "ws-path", "/ws", "URL path of XMPP over WebSocket (RFC 7395) on the HTTP listener (empty: off)")
 	fs.StringVar(&o.tlsCert, "tls-cert", "", "PEM certificate chain for client TLS (reloaded on SIGHUP)")
