@@ -311,9 +311,18 @@ func (u *upgradeRun) finish() {
 		if want := upgradeSeconds * 10; res.Sent["a"] < want-2 || res.Received["b"] != res.Sent["a"] {
 			t.Errorf("%s: sent %v, received %v", name, res.Sent, res.Received)
 		}
+		// Status 0 is a request the network failed: the old process closes
+		// its idle keep-alive connections at the handoff, and one the
+		// client had just reused loses that race (RFC 9112 §9.3.1). BOSH
+		// clients re-send the rid on a new connection, and ok above says
+		// nothing was lost; an HTTP error status would be ours.
 		for side, errs := range res.HTTPErrors {
-			if len(errs) > 0 {
-				t.Errorf("%s: side %s had failed HTTP requests across the upgrade: %v", name, side, errs)
+			for status, n := range errs {
+				if status == "0" {
+					t.Logf("%s: side %s re-sent %d request(s) after a closed keep-alive connection", name, side, n)
+					continue
+				}
+				t.Errorf("%s: side %s had %d request(s) answered %s across the upgrade", name, side, n, status)
 			}
 		}
 	}
