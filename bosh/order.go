@@ -31,10 +31,29 @@ const gapWait = time.Second
 // for a missing rid: a gap that does not fill (a request lost on the way,
 // or a session whose requests are spread over several sidecars) is left to
 // ejabberd, and that session is not waited for again.
+//
+// A hot upgrade splits a session's requests over two processes: those the
+// old process had read but not sent at the pause reach ejabberd later,
+// through the new process's link, while the client sends its next ones to
+// the new process. So the table moves with the takeover (handOver, adopt),
+// and the old process reports each rid it still sends once the request is
+// through (reportTo; the new process's sent): the new front holds the
+// later requests until then, at most gapWait as for any gap.
 type ridOrder struct {
 	mu       sync.Mutex
 	sessions map[string]*ridSeq
 	enters   int
+
+	// Once handed over, every rid sent is reported to the new process
+	// (report), queued until report is set.
+	handingOver bool
+	queued      []sentRID
+	report      func(sid string, rid uint64)
+}
+
+type sentRID struct {
+	sid string
+	rid uint64
 }
 
 type ridSeq struct {
@@ -72,7 +91,8 @@ func (o *ridOrder) forget(sid string) {
 // returns the function to call once the request is on the link (more than
 // once is fine), or ctx's error if ctx ends first. Requests without a
 // session or a numeric rid are not ordered; neither are sessions the front
-// did not open (opened before it started): it cannot know their next rid.
+// did not open (opened before it started) and did not adopt at a takeover:
+// it cannot know their next rid.
 func (o *ridOrder) enter(ctx context.Context, sid, rid string) (sent func(), err error) {
 	n, perr := strconv.ParseUint(rid, 10, 64)
 	if sid == "" || perr != nil || n == ^uint64(0) {
@@ -117,14 +137,81 @@ func (o *ridOrder) enter(ctx context.Context, sid, rid string) (sent func(), err
 }
 
 // sent records that the request with rid is on the link, and wakes the
-// requests waiting for it.
+// requests waiting for it. After a handover snapshot it is reported to the
+// new process too.
 func (o *ridOrder) sent(sid string, rid uint64) {
 	o.mu.Lock()
+	s, ok := o.sessions[sid]
+	if !ok || rid+1 <= s.next {
+		o.mu.Unlock()
+		return
+	}
+	s.next = rid + 1
+	close(s.moved)
+	s.moved = make(chan struct{})
+	report := o.report
+	if o.handingOver && report == nil {
+		o.queued = append(o.queued, sentRID{sid, rid})
+	}
+	o.mu.Unlock()
+	if report != nil {
+		report(sid, rid)
+	}
+}
+
+// SessionOrder is one BOSH session's place in its rid order, handed to the
+// process that takes over at a hot upgrade.
+type SessionOrder struct {
+	SID string
+	// Next is the rid after the highest one on the link.
+	Next      uint64
+	Unordered bool
+}
+
+// handOver returns every session's place, for a process taking over; from
+// now on the rids this process sends are queued for reportTo. keep undoes it.
+func (o *ridOrder) handOver() []SessionOrder {
+	o.mu.Lock()
 	defer o.mu.Unlock()
-	if s, ok := o.sessions[sid]; ok && rid+1 > s.next {
-		s.next = rid + 1
-		close(s.moved)
-		s.moved = make(chan struct{})
+	o.handingOver, o.queued = true, nil
+	out := make([]SessionOrder, 0, len(o.sessions))
+	for sid, s := range o.sessions {
+		out = append(out, SessionOrder{SID: sid, Next: s.next, Unordered: s.unordered})
+	}
+	return out
+}
+
+// reportTo reports the rids sent since handOver, and every later one, to
+// report (which may block: it runs on the request's goroutine, after the
+// request is out). Reports may arrive out of order: a rid reported covers
+// every lower one, so the new process keeps the highest.
+func (o *ridOrder) reportTo(report func(sid string, rid uint64)) {
+	o.mu.Lock()
+	queued := o.queued
+	o.queued, o.report = nil, report
+	o.mu.Unlock()
+	for _, q := range queued {
+		report(q.sid, q.rid)
+	}
+}
+
+// keep undoes handOver: the takeover failed, this process carries on alone.
+func (o *ridOrder) keep() {
+	o.mu.Lock()
+	o.handingOver, o.queued = false, nil
+	o.mu.Unlock()
+}
+
+// adopt carries on the order of the sessions of the process this one took
+// over from; it runs before the first request.
+func (o *ridOrder) adopt(sessions []SessionOrder) {
+	now := time.Now()
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, s := range sessions {
+		if _, ok := o.sessions[s.SID]; !ok && s.SID != "" {
+			o.sessions[s.SID] = &ridSeq{next: s.Next, moved: make(chan struct{}), unordered: s.Unordered, lastSeen: now}
+		}
 	}
 }
 

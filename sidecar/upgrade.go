@@ -23,6 +23,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/megaphone-im/megaphone/bosh"
 	"github.com/megaphone-im/megaphone/etf"
 	"github.com/megaphone-im/megaphone/node"
 	"github.com/megaphone-im/megaphone/sockets"
@@ -63,6 +64,9 @@ type handoffState struct {
 	Attachments []node.AttachmentHandoff
 	Listeners   []string
 	Streams     []sockets.StreamState
+	// Each BOSH session's rid order: the new front holds a session's
+	// requests until those the old process still sends are out.
+	BOSHOrder []bosh.SessionOrder
 }
 
 // upgradeState is the sidecar's side of hot upgrades.
@@ -200,6 +204,7 @@ func (s *Sidecar) handOver(uc *net.UnixConn) error {
 			for _, m := range moving {
 				m.Resume()
 			}
+			s.front.KeepOrder()
 			s.reattachListeners(files, roles)
 		}
 		for _, f := range files {
@@ -225,9 +230,11 @@ func (s *Sidecar) handOver(uc *net.UnixConn) error {
 	}
 	moved, stay := stopWriters(moving, states)
 
+	// With the links paused no BOSH request goes out: the rid order is
+	// what ejabberd has had.
 	state := handoffState{Identity: s.node.Identity(), LastConnID: s.registry.LastID(),
 		LastReqID: s.front.LastRequestID(), Limits: s.registry.Limits(), Draining: s.registry.Draining(),
-		Attachments: states, Listeners: roles}
+		Attachments: states, Listeners: roles, BOSHOrder: s.front.HandOverOrder()}
 	var fds []int
 	for _, a := range s.attached {
 		if c := a.PausedConn(); c != nil {
@@ -278,6 +285,8 @@ func (s *Sidecar) handOver(uc *net.UnixConn) error {
 	// The old process's writes to ejabberd wait on the new process as
 	// they would on the link (its write timeout).
 	out := &relayWriter{uc: uc, timeout: 30 * time.Second}
+	// Before the links relay: a BOSH request's report follows its frame.
+	s.front.ReportSentTo(out.ridSent)
 	movedIDs := make([]uint64, len(moved))
 	for i, m := range moved {
 		movedIDs[i] = m.State.ConnID
@@ -393,15 +402,25 @@ type relayWriter struct {
 
 func (r *relayWriter) send(kind byte, index int, payload []byte) error {
 	b := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(payload)), uint16(index))
-	b = append(b, payload...)
+	return r.write(kind, append(b, payload...))
+}
+
+func (r *relayWriter) write(kind byte, payload []byte) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	_ = r.uc.SetWriteDeadline(time.Now().Add(r.timeout))
-	err := writeHandoffFrame(r.uc, kind, b)
+	err := writeHandoffFrame(r.uc, kind, payload)
 	if err != nil {
 		r.uc.Close()
 	}
 	return err
+}
+
+// ridSent tells the new process that a BOSH request of session sid with
+// rid has gone out. The frame follows the request's own on the socket, and
+// the new process writes that to ejabberd before reading this one.
+func (r *relayWriter) ridSent(sid string, rid uint64) {
+	_ = r.write(frameRIDSent, append(binary.BigEndian.AppendUint64(nil, rid), sid...))
 }
 
 // distFrames is what the old process's link of attachment index writes
@@ -610,6 +629,7 @@ func (s *Sidecar) startTakenOver() {
 	}
 	s.upgrade.taken = nil
 	s.front.ContinueRequestIDs(t.state.LastReqID + idGap)
+	s.front.AdoptOrder(t.state.BOSHOrder)
 	s.front.SetDraining(t.state.Draining) // the shim knows already
 	// What the new process passes back is written on its link's reader:
 	// an old process that does not take it within seconds is given up.
@@ -655,10 +675,13 @@ func (s *Sidecar) startTakenOver() {
 			if err != nil {
 				break
 			}
-			if kind == frameDistOut && len(payload) >= 2 {
+			switch {
+			case kind == frameDistOut && len(payload) >= 2:
 				if i := int(binary.BigEndian.Uint16(payload)); i < len(s.attached) {
 					_ = s.attached[i].WriteRelayedFrame(payload[2:])
 				}
+			case kind == frameRIDSent && len(payload) >= 8:
+				s.front.SentElsewhere(string(payload[8:]), binary.BigEndian.Uint64(payload))
 			}
 		}
 		for _, a := range s.attached {
