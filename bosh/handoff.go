@@ -15,20 +15,19 @@ func (h *Handler) ContinueRequestIDs(last uint64) {
 	}
 }
 
-// HandOverOrder returns the rid order of every BOSH session, for a process
-// taking over (sidecar/upgrade.go). Requests this process has read but not
-// yet sent go to ejabberd later, through the new process; so from now on
-// every rid it sends is reported (ReportSentTo), and the new process's
-// front holds a session's later requests until the earlier ones are out
-// (AdoptOrder, SentElsewhere). Call KeepOrder if the takeover fails.
+// HandOverOrder returns the rid order of every BOSH session, with the
+// requests on their way, for a process taking over (sidecar/upgrade.go).
+// Those requests reach ejabberd later, through the new process; so from
+// now on what becomes of each request here is reported (ReportTo), and the
+// new front holds a session's later requests until the earlier ones are
+// out (AdoptOrder, Elsewhere; ridOrder explains). Call KeepOrder if the
+// takeover fails.
 func (h *Handler) HandOverOrder() []SessionOrder { return h.router.order.handOver() }
 
-// ReportSentTo reports each rid this process has sent since HandOverOrder,
-// and each later one, to report, once the request is on its way to
-// ejabberd.
-func (h *Handler) ReportSentTo(report func(sid string, rid uint64)) {
-	h.router.order.reportTo(report)
-}
+// ReportTo reports each event since HandOverOrder, and each later one, to
+// report, in order for each request. A request's RIDSent comes once it is
+// on its way to ejabberd: report must pass it on behind the request.
+func (h *Handler) ReportTo(report func(RIDEvent)) { h.router.order.reportTo(report) }
 
 // KeepOrder undoes HandOverOrder: the takeover failed.
 func (h *Handler) KeepOrder() { h.router.order.keep() }
@@ -37,7 +36,10 @@ func (h *Handler) KeepOrder() { h.router.order.keep() }
 // one took over from. Call it before the front serves a request.
 func (h *Handler) AdoptOrder(sessions []SessionOrder) { h.router.order.adopt(sessions) }
 
-// SentElsewhere records that the process this one took over from has sent
-// rid of session sid to ejabberd (through this process's link): this
-// front's requests of that session that wait for it may go.
-func (h *Handler) SentElsewhere(sid string, rid uint64) { h.router.order.sent(sid, rid) }
+// Elsewhere applies a report of the process this one took over from
+// (its ReportTo), in the order they come.
+func (h *Handler) Elsewhere(e RIDEvent) { h.router.order.elsewhere(e) }
+
+// ElsewhereEnded says the process this one took over from has ended: its
+// requests are no longer waited for.
+func (h *Handler) ElsewhereEnded() { h.router.order.elsewhereEnded() }

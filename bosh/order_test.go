@@ -152,9 +152,10 @@ func boshRequest(t *testing.T, h *Handler, sid, rid string) {
 }
 
 // A hot upgrade: the old process has read rid 102 but not sent it when
-// its link pauses; it goes out later, through the new process. The client
-// meanwhile sends rid 103 to the new process, which must hold it until 102
-// is out (the old process reports it), not send it first.
+// its link pauses, and reads rid 103 just after; both go out later,
+// through the new process. The client meanwhile sends rid 104 to the new
+// process, which must hold it until 102 and 103 are out (the old process
+// reports them), however long that takes, and not send it first.
 func TestRIDOrderAcrossTakeover(t *testing.T) {
 	link := &ejabberdLink{}
 	oldEnd := &linkEnd{link: link}
@@ -165,68 +166,139 @@ func TestRIDOrderAcrossTakeover(t *testing.T) {
 	// The pause: 102 has been read, its write waits.
 	oldEnd.paused = make(chan struct{})
 	go boshRequest(t, old, "s", "102")
-	for i := 0; oldEnd.waiting.Load() == 0; i++ {
-		if i > 200 {
-			t.Fatal("rid 102 did not reach the paused link")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitFor(t, "rid 102 to reach the paused link", func() bool { return oldEnd.waiting.Load() == 1 })
 	handed := old.HandOverOrder()
 
-	// The new process carries the order on, and takes the client's 103.
+	// The new process carries the order on; the old one reports to it.
 	next := NewHandler(Config{}, &linkEnd{link: link})
 	next.AdoptOrder(handed)
+	old.ReportTo(next.Elsewhere)
+	// The old process reads 103 after the handover; the client sends 104
+	// to the new one.
+	go boshRequest(t, old, "s", "103")
+	waitFor(t, "rid 103 to reach the old front", func() bool {
+		old.router.order.mu.Lock()
+		defer old.router.order.mu.Unlock()
+		return len(old.router.order.sessions["s"].inFlight) == 2
+	})
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		boshRequest(t, next, "s", "103")
+		boshRequest(t, next, "s", "104")
 	}()
-	time.Sleep(100 * time.Millisecond)
+	// Longer than any gap is waited for: the old process still has them.
+	time.Sleep(gapWait + 200*time.Millisecond)
 	if got := link.sentRIDs(); got != "100 101" {
-		t.Fatalf("while the old process holds rid 102, the link has %q", got)
+		t.Fatalf("while the old process holds rids 102 and 103, the link has %q", got)
 	}
 
-	// Go: the old process's writes relay through the new one, and it
-	// reports each rid after its frame.
-	old.ReportSentTo(next.SentElsewhere)
+	// The old process's writes go on (through the new one's link).
 	released := time.Now()
 	close(oldEnd.paused)
 	select {
 	case <-done:
 	case <-time.After(5 * gapWait):
-		t.Fatal("rid 103 never went out")
+		t.Fatal("rid 104 never went out")
 	}
-	if got := link.sentRIDs(); got != "100 101 102 103" {
-		t.Fatalf("ejabberd got rids %q, want 100 101 102 103", got)
+	if got := link.sentRIDs(); got != "100 101 102 103 104" {
+		t.Fatalf("ejabberd got rids %q, want 100 101 102 103 104", got)
 	}
 	if waited := time.Since(released); waited >= gapWait/2 {
-		t.Errorf("rid 103 waited %v after rid 102 went out: it was not told", waited)
+		t.Errorf("rid 104 waited %v after rid 103 went out: it was not told", waited)
 	}
 }
 
-// A rid sent after the snapshot but before the relay is up is reported
-// once it is; a takeover undone reports nothing.
-func TestRIDOrderReportsQueued(t *testing.T) {
+// Within one process too, a request waits for a lower rid that is on its
+// way (a write to the link can take seconds under load) longer than for
+// one the front has not seen.
+func TestRIDOrderWaitsForRequestInFlight(t *testing.T) {
+	o := newRIDOrder()
+	o.opened("s", "1")
+	ctx := context.Background()
+	sent2, err := o.enter(ctx, "s", "2") // goes, and is slow to be written
+	if err != nil {
+		t.Fatal(err)
+	}
+	var written []string
+	var mu sync.Mutex
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sent, err := o.enter(ctx, "s", "3")
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		mu.Lock()
+		written = append(written, "3")
+		mu.Unlock()
+		sent()
+	}()
+	time.Sleep(gapWait + 200*time.Millisecond)
+	mu.Lock()
+	written = append(written, "2")
+	mu.Unlock()
+	sent2()
+	<-done
+	if got := strings.Join(written, " "); got != "2 3" {
+		t.Fatalf("written in the order %q, want 2 3", got)
+	}
+}
+
+// Reports of the old process: events between the snapshot and the relay
+// are queued, then passed on in order; a takeover undone reports nothing.
+func TestRIDOrderReports(t *testing.T) {
 	o := newRIDOrder()
 	o.opened("s", "1")
 	o.opened("t", "1")
 	o.handOver()
-	o.sent("s", 2)
+	ctx := context.Background()
+	sent2, _ := o.enter(ctx, "s", "2")
 	var reports []string
-	o.reportTo(func(sid string, rid uint64) { reports = append(reports, fmt.Sprint(sid, rid)) })
-	o.sent("t", 2)
-	o.sent("t", 2) // already out: nothing new to say
-	if got := strings.Join(reports, " "); got != "s2 t2" {
-		t.Fatalf("reported %q, want s2 t2", got)
+	o.reportTo(func(e RIDEvent) { reports = append(reports, fmt.Sprintf("%c%s%d", e.Kind, e.SID, e.RID)) })
+	sent2()
+	sent2() // once only
+	cctx, cancel := context.WithCancel(ctx)
+	go func() { time.Sleep(20 * time.Millisecond); cancel() }()
+	if _, err := o.enter(cctx, "t", "5"); err == nil {
+		t.Fatal("a cancelled request went out")
+	}
+	if got := strings.Join(reports, " "); got != "Es2 Ss2 Et5 Dt5" {
+		t.Fatalf("reported %q, want Es2 Ss2 Et5 Dt5", got)
 	}
 
 	o = newRIDOrder()
 	o.opened("s", "1")
 	o.handOver()
-	o.sent("s", 2)
+	sent2, _ = o.enter(ctx, "s", "2")
 	o.keep()
-	o.sent("s", 3)
+	sent2()
 	if len(o.queued) != 0 || o.report != nil {
 		t.Fatalf("a takeover undone still queues %v", o.queued)
+	}
+}
+
+// The new process stops waiting for the old one's requests when it ends.
+func TestRIDOrderElsewhereEnded(t *testing.T) {
+	o := newRIDOrder()
+	o.adopt([]SessionOrder{{SID: "s", Next: 5, InFlight: []uint64{5}}})
+	go func() { time.Sleep(50 * time.Millisecond); o.elsewhereEnded() }()
+	start := time.Now()
+	if _, err := o.enter(context.Background(), "s", "6"); err != nil {
+		t.Fatal(err)
+	}
+	// Then rid 5 is a gap like any other.
+	if waited := time.Since(start); waited < gapWait || waited > inFlightWait/2 {
+		t.Fatalf("rid 6 waited %v, want about gapWait after the old process ended", waited)
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for i := 0; !cond(); i++ {
+		if i > 400 {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }

@@ -286,7 +286,7 @@ func (s *Sidecar) handOver(uc *net.UnixConn) error {
 	// they would on the link (its write timeout).
 	out := &relayWriter{uc: uc, timeout: 30 * time.Second}
 	// Before the links relay: a BOSH request's report follows its frame.
-	s.front.ReportSentTo(out.ridSent)
+	s.front.ReportTo(out.ridEvent)
 	movedIDs := make([]uint64, len(moved))
 	for i, m := range moved {
 		movedIDs[i] = m.State.ConnID
@@ -339,7 +339,7 @@ func stopWriters(moving []*sockets.MovingStream, states []node.AttachmentHandoff
 
 // detachListeners duplicates each listening socket (to send) and closes
 // ours: no more accepts here. HTTP connections are closed after their
-// current request from now on.
+// next answer from now on.
 func (s *Sidecar) detachListeners() ([]*os.File, []string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -361,17 +361,16 @@ func (s *Sidecar) detachListeners() ([]*os.File, []string, error) {
 	}
 	s.upgrade.byRole = nil
 	s.listeners = nil
-	// HTTP connections close after their current request, so clients open
+	// HTTP connections close after their next answer, so clients open
 	// their next ones to the new process.
-	if s.httpSrv != nil {
-		s.httpSrv.SetKeepAlivesEnabled(false)
-	}
+	s.front.CloseConnections(true)
 	return files, roles, nil
 }
 
 // reattachListeners serves again on the listening sockets detachListeners
 // duplicated (a takeover that failed).
 func (s *Sidecar) reattachListeners(files []*os.File, roles []string) {
+	s.front.CloseConnections(false)
 	s.mu.Lock()
 	s.upgrade.inherited = make(map[string]net.Listener)
 	for i, f := range files {
@@ -416,11 +415,12 @@ func (r *relayWriter) write(kind byte, payload []byte) error {
 	return err
 }
 
-// ridSent tells the new process that a BOSH request of session sid with
-// rid has gone out. The frame follows the request's own on the socket, and
-// the new process writes that to ejabberd before reading this one.
-func (r *relayWriter) ridSent(sid string, rid uint64) {
-	_ = r.write(frameRIDSent, append(binary.BigEndian.AppendUint64(nil, rid), sid...))
+// ridEvent tells the new process what became of a BOSH request of ours.
+// RIDSent follows the request's own frame on the socket, and the new
+// process writes that to ejabberd before it reads this one.
+func (r *relayWriter) ridEvent(e bosh.RIDEvent) {
+	b := binary.BigEndian.AppendUint64([]byte{byte(e.Kind)}, e.RID)
+	_ = r.write(frameRIDEvent, append(b, e.SID...))
 }
 
 // distFrames is what the old process's link of attachment index writes
@@ -680,13 +680,15 @@ func (s *Sidecar) startTakenOver() {
 				if i := int(binary.BigEndian.Uint16(payload)); i < len(s.attached) {
 					_ = s.attached[i].WriteRelayedFrame(payload[2:])
 				}
-			case kind == frameRIDSent && len(payload) >= 8:
-				s.front.SentElsewhere(string(payload[8:]), binary.BigEndian.Uint64(payload))
+			case kind == frameRIDEvent && len(payload) >= 9:
+				s.front.Elsewhere(bosh.RIDEvent{Kind: bosh.RIDEventKind(payload[0]),
+					RID: binary.BigEndian.Uint64(payload[1:9]), SID: string(payload[9:])})
 			}
 		}
 		for _, a := range s.attached {
 			a.ForwardUnknown(nil)
 		}
+		s.front.ElsewhereEnded()
 		t.uc.Close()
 		close(s.upgrade.predecessor)
 		s.log.Info("the old sidecar process has ended")
