@@ -418,9 +418,20 @@ func (r *relayWriter) write(kind byte, payload []byte) error {
 // ridEvent tells the new process what became of a BOSH request of ours.
 // RIDSent follows the request's own frame on the socket, and the new
 // process writes that to ejabberd before it reads this one.
-func (r *relayWriter) ridEvent(e bosh.RIDEvent) {
+func (r *relayWriter) ridEvent(e bosh.RIDEvent) { _ = r.write(frameRIDEvent, ridEventPayload(e)) }
+
+// ridEventPayload is a frameRIDEvent's payload: kind, rid, sid.
+func ridEventPayload(e bosh.RIDEvent) []byte {
 	b := binary.BigEndian.AppendUint64([]byte{byte(e.Kind)}, e.RID)
-	_ = r.write(frameRIDEvent, append(b, e.SID...))
+	return append(b, e.SID...)
+}
+
+// parseRIDEvent reads ridEventPayload; ok is false if it is too short.
+func parseRIDEvent(p []byte) (e bosh.RIDEvent, ok bool) {
+	if len(p) < 9 {
+		return e, false
+	}
+	return bosh.RIDEvent{Kind: bosh.RIDEventKind(p[0]), RID: binary.BigEndian.Uint64(p[1:9]), SID: string(p[9:])}, true
 }
 
 // distFrames is what the old process's link of attachment index writes
@@ -680,9 +691,10 @@ func (s *Sidecar) startTakenOver() {
 				if i := int(binary.BigEndian.Uint16(payload)); i < len(s.attached) {
 					_ = s.attached[i].WriteRelayedFrame(payload[2:])
 				}
-			case kind == frameRIDEvent && len(payload) >= 9:
-				s.front.Elsewhere(bosh.RIDEvent{Kind: bosh.RIDEventKind(payload[0]),
-					RID: binary.BigEndian.Uint64(payload[1:9]), SID: string(payload[9:])})
+			case kind == frameRIDEvent:
+				if e, ok := parseRIDEvent(payload); ok {
+					s.front.Elsewhere(e)
+				}
 			}
 		}
 		for _, a := range s.attached {
