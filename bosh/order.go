@@ -4,6 +4,7 @@ import (
 	"context"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -59,7 +60,7 @@ type ridOrder struct {
 	// Once handed over, every event of a session's request is reported to
 	// the new process (report), queued until report is set. reportMu keeps
 	// the reports of one request in order across the switch.
-	handingOver bool
+	handingOver atomic.Bool // set and cleared with mu held
 	queued      []RIDEvent
 	report      func(RIDEvent)
 	reportMu    sync.Mutex
@@ -324,9 +325,12 @@ func (o *ridOrder) elsewhereEnded() {
 // tell reports an event to the new process, once this one has handed over.
 // report may block: it runs on the request's goroutine.
 func (o *ridOrder) tell(kind RIDEventKind, sid string, rid uint64) {
+	if !o.handingOver.Load() {
+		return // the common case: no takeover
+	}
 	o.mu.Lock()
 	report := o.report
-	if o.handingOver && report == nil {
+	if report == nil {
 		o.queued = append(o.queued, RIDEvent{kind, sid, rid})
 	}
 	o.mu.Unlock()
@@ -355,7 +359,8 @@ type SessionOrder struct {
 func (o *ridOrder) handOver() []SessionOrder {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	o.handingOver, o.queued = true, nil
+	o.handingOver.Store(true)
+	o.queued = nil
 	out := make([]SessionOrder, 0, len(o.sessions))
 	for sid, s := range o.sessions {
 		so := SessionOrder{SID: sid, Next: s.next, Unordered: s.unordered}
@@ -385,7 +390,8 @@ func (o *ridOrder) reportTo(report func(RIDEvent)) {
 // keep undoes handOver: the takeover failed, this process carries on alone.
 func (o *ridOrder) keep() {
 	o.mu.Lock()
-	o.handingOver, o.queued = false, nil
+	o.handingOver.Store(false)
+	o.queued = nil
 	o.mu.Unlock()
 }
 
