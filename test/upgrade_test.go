@@ -294,8 +294,9 @@ func (u *upgradeRun) upgradeBySignal() {
 func (u *upgradeRun) checkPidsKept() {
 	t := u.t
 	time.Sleep(4 * time.Second) // chatting through the new process
-	if during := c2sPids(eval(t, u.ej, u.sessionsQuery), u.users...); strings.Join(during, " ") != strings.Join(u.pidsBefore, " ") {
-		t.Errorf("c2s processes changed across the upgrade: before %v, after %v", u.pidsBefore, during)
+	sessions := eval(t, u.ej, u.sessionsQuery)
+	if during := c2sPids(sessions, u.users...); strings.Join(during, " ") != strings.Join(u.pidsBefore, " ") {
+		t.Errorf("c2s processes changed across the upgrade: before %v, after %v; sessions:\n%s", u.pidsBefore, during, sessions)
 	}
 }
 

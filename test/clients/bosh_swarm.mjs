@@ -185,7 +185,10 @@ async function main() {
     });
     stopped = true;
     timers.forEach(clearTimeout);
-    await new Promise((r) => setTimeout(r, 2000)); // the last answers
+    // The last answers: until each live user has its messages back, at
+    // most 10 s (a loaded machine can take seconds), at least 2 s.
+    const settled = () => users.every((u) => u.state !== 'alive' || u.received >= u.sent);
+    for (let i = 0; i < 100 && (i < 20 || !settled()); i++) await new Promise((r) => setTimeout(r, 100));
 
     const now = Date.now();
     const states = {};
