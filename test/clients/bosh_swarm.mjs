@@ -184,13 +184,16 @@ async function main() {
         process.once('SIGUSR2', r);
     });
     stopped = true;
+    const stoppedAt = Date.now();
     timers.forEach(clearTimeout);
     // The last answers: until each live user has its messages back, at
     // most 10 s (a loaded machine can take seconds), at least 2 s.
     const settled = () => users.every((u) => u.state !== 'alive' || u.received >= u.sent);
     for (let i = 0; i < 100 && (i < 20 || !settled()); i++) await new Promise((r) => setTimeout(r, 100));
 
-    const now = Date.now();
+    // Hung: nothing received in the hungAfter s up to 2 s after the stop
+    // (however long the wait for the last messages above took).
+    const now = Math.min(Date.now(), stoppedAt + 2000);
     const states = {};
     for (const u of users) states[u.state] = (states[u.state] || 0) + 1;
     const report = { states, ok: true, users: users.length, logged_in: loggedIn, alive: 0, hung: 0, terminated: {}, failed_login: 0, out_of_order: 0, arrival_out_of_order: 0, sent: 0, received: 0 };
