@@ -1,10 +1,12 @@
 package bosh
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"regexp"
 	"strings"
@@ -292,5 +294,46 @@ func TestRouterPlacesAndPinsSessions(t *testing.T) {
 	post(t, url, fmt.Sprintf("<body xmlns='%s' sid='%s' rid='3' type='terminate'/>", NS, sids[0]))
 	if got := h.Sessions(); got["a"]+got["b"] != 6 {
 		t.Errorf("terminated session still routed: %v", got)
+	}
+}
+
+// After a hot upgrade's handoff the old process's answers close their
+// connection, that of a request held since before too; idle keep-alive
+// connections stay open (closing one can lose a request the client is
+// sending on it).
+func TestHandlerClosesConnectionsAfterHandoff(t *testing.T) {
+	backend := &recordingBackend{block: make(chan struct{})}
+	url, h := serveHandler(t, backend)
+	held := make(chan *http.Response, 1)
+	go func() {
+		resp, _ := post(t, url, okBody)
+		held <- resp
+	}()
+	waitFor(t, "the held request", func() bool { return backend.count() == 1 })
+	idle, err := net.Dial("tcp", strings.TrimSuffix(strings.TrimPrefix(url, "http://"), "/bosh"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+
+	h.CloseConnections(true)
+	close(backend.block)
+	if resp := <-held; resp.StatusCode != 200 || !resp.Close {
+		t.Errorf("the held request's answer (%d) keeps its connection open", resp.StatusCode)
+	}
+	if resp, _ := post(t, url, okBody); resp.StatusCode != 200 || !resp.Close {
+		t.Errorf("a later answer (%d) keeps its connection open", resp.StatusCode)
+	}
+	// The idle connection still serves a request.
+	fmt.Fprintf(idle, "POST /bosh HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s", len(okBody), okBody)
+	resp, err := http.ReadResponse(bufio.NewReader(idle), nil)
+	if err != nil || resp.StatusCode != 200 || !resp.Close {
+		t.Fatalf("a request on an idle connection after the handoff: %v %v", resp, err)
+	}
+	resp.Body.Close()
+
+	h.CloseConnections(false) // the takeover failed
+	if resp, _ := post(t, url, okBody); resp.Close {
+		t.Error("answers still close their connection after CloseConnections(false)")
 	}
 }

@@ -60,6 +60,9 @@ type Handler struct {
 	draining     atomic.Bool
 	stopping     context.Context
 	stopLongPoll context.CancelFunc
+	// closeConns makes every answer close its HTTP connection (a hot
+	// upgrade's old process: see CloseConnections).
+	closeConns atomic.Bool
 
 	requests, forwarded, refused, failed, cancelled, echoes, overactive atomic.Uint64
 }
@@ -81,6 +84,21 @@ func NewHandler(cfg Config, nodes ...Node) *Handler {
 // sessions: a session creation request is answered with a BOSH
 // system-shutdown terminate; sessions already open carry on.
 func (h *Handler) SetDraining(on bool) { h.draining.Store(on) }
+
+// CloseConnections makes every answer from now on (those of requests
+// being held too) close its HTTP connection (true), or not (false): after
+// a hot upgrade the client's next requests go to the new process. Idle
+// keep-alive connections are left to the client: closing one can race a
+// request the client is sending on it, which is then lost, and Strophe
+// re-sends it only after its next request, out of order.
+func (h *Handler) CloseConnections(on bool) { h.closeConns.Store(on) }
+
+// answerHeaders sets what every answer carries besides its own headers.
+func (h *Handler) answerHeaders(w http.ResponseWriter) {
+	if h.closeConns.Load() {
+		w.Header().Set("Connection", "close")
+	}
+}
 
 // Shutdown refuses new sessions and answers every long-poll being held
 // with a system-shutdown terminate, for a sidecar that is going away. The
@@ -114,6 +132,7 @@ func corsHeaders(w http.ResponseWriter) {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.requests.Add(1)
 	corsHeaders(w)
+	h.answerHeaders(w)
 	switch r.Method {
 	case http.MethodOptions:
 		w.WriteHeader(http.StatusOK)
@@ -249,6 +268,7 @@ func (h *Handler) endOveractiveSession(ctx context.Context, connID uint64, peer 
 }
 
 func (h *Handler) write(w http.ResponseWriter, resp etf.BOSHResponse) {
+	h.answerHeaders(w)
 	for _, hd := range resp.Headers {
 		w.Header().Set(hd.Name, hd.Value)
 	}
@@ -259,12 +279,14 @@ func (h *Handler) write(w http.ResponseWriter, resp etf.BOSHResponse) {
 
 func (h *Handler) refuse(w http.ResponseWriter, status int, reason string) {
 	h.refused.Add(1)
+	h.answerHeaders(w)
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(status)
 	io.WriteString(w, reason+"\n")
 }
 
 func (h *Handler) terminate(w http.ResponseWriter, condition string) {
+	h.answerHeaders(w)
 	w.Header().Set("Content-Type", "text/xml; charset=utf-8")
 	w.WriteHeader(http.StatusOK)
 	fmt.Fprintf(w, "<body xmlns='%s' type='terminate' condition='%s'/>", NS, condition)

@@ -23,6 +23,7 @@ const (
 	frameDistOut   = 'F' // old → new: a distribution frame to write (payload: attachment index, frame)
 	frameDeliver   = 'D' // new → old: a message for the old process (payload: attachment index, ETF)
 	frameLinkEnded = 'X' // new → old: an attachment's link went down (payload: attachment index)
+	frameRIDEvent  = 'B' // old → new: what became of a BOSH request (payload: kind, rid, sid)
 )
 
 // maxFDsPerMessage stays under the kernel's SCM_MAX_FD (253).

@@ -23,6 +23,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/megaphone-im/megaphone/bosh"
 	"github.com/megaphone-im/megaphone/etf"
 	"github.com/megaphone-im/megaphone/node"
 	"github.com/megaphone-im/megaphone/sockets"
@@ -63,6 +64,9 @@ type handoffState struct {
 	Attachments []node.AttachmentHandoff
 	Listeners   []string
 	Streams     []sockets.StreamState
+	// Each BOSH session's rid order: the new front holds a session's
+	// requests until those the old process still sends are out.
+	BOSHOrder []bosh.SessionOrder
 }
 
 // upgradeState is the sidecar's side of hot upgrades.
@@ -200,6 +204,7 @@ func (s *Sidecar) handOver(uc *net.UnixConn) error {
 			for _, m := range moving {
 				m.Resume()
 			}
+			s.front.KeepOrder()
 			s.reattachListeners(files, roles)
 		}
 		for _, f := range files {
@@ -225,9 +230,11 @@ func (s *Sidecar) handOver(uc *net.UnixConn) error {
 	}
 	moved, stay := stopWriters(moving, states)
 
+	// With the links paused no BOSH request goes out: the rid order is
+	// what ejabberd has had.
 	state := handoffState{Identity: s.node.Identity(), LastConnID: s.registry.LastID(),
 		LastReqID: s.front.LastRequestID(), Limits: s.registry.Limits(), Draining: s.registry.Draining(),
-		Attachments: states, Listeners: roles}
+		Attachments: states, Listeners: roles, BOSHOrder: s.front.HandOverOrder()}
 	var fds []int
 	for _, a := range s.attached {
 		if c := a.PausedConn(); c != nil {
@@ -278,6 +285,8 @@ func (s *Sidecar) handOver(uc *net.UnixConn) error {
 	// The old process's writes to ejabberd wait on the new process as
 	// they would on the link (its write timeout).
 	out := &relayWriter{uc: uc, timeout: 30 * time.Second}
+	// Before the links relay: a BOSH request's report follows its frame.
+	s.front.ReportTo(out.ridEvent)
 	movedIDs := make([]uint64, len(moved))
 	for i, m := range moved {
 		movedIDs[i] = m.State.ConnID
@@ -330,7 +339,7 @@ func stopWriters(moving []*sockets.MovingStream, states []node.AttachmentHandoff
 
 // detachListeners duplicates each listening socket (to send) and closes
 // ours: no more accepts here. HTTP connections are closed after their
-// current request from now on.
+// next answer from now on.
 func (s *Sidecar) detachListeners() ([]*os.File, []string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -352,17 +361,16 @@ func (s *Sidecar) detachListeners() ([]*os.File, []string, error) {
 	}
 	s.upgrade.byRole = nil
 	s.listeners = nil
-	// HTTP connections close after their current request, so clients open
+	// HTTP connections close after their next answer, so clients open
 	// their next ones to the new process.
-	if s.httpSrv != nil {
-		s.httpSrv.SetKeepAlivesEnabled(false)
-	}
+	s.front.CloseConnections(true)
 	return files, roles, nil
 }
 
 // reattachListeners serves again on the listening sockets detachListeners
 // duplicated (a takeover that failed).
 func (s *Sidecar) reattachListeners(files []*os.File, roles []string) {
+	s.front.CloseConnections(false)
 	s.mu.Lock()
 	s.upgrade.inherited = make(map[string]net.Listener)
 	for i, f := range files {
@@ -393,15 +401,37 @@ type relayWriter struct {
 
 func (r *relayWriter) send(kind byte, index int, payload []byte) error {
 	b := binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(payload)), uint16(index))
-	b = append(b, payload...)
+	return r.write(kind, append(b, payload...))
+}
+
+func (r *relayWriter) write(kind byte, payload []byte) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	_ = r.uc.SetWriteDeadline(time.Now().Add(r.timeout))
-	err := writeHandoffFrame(r.uc, kind, b)
+	err := writeHandoffFrame(r.uc, kind, payload)
 	if err != nil {
 		r.uc.Close()
 	}
 	return err
+}
+
+// ridEvent tells the new process what became of a BOSH request of ours.
+// RIDSent follows the request's own frame on the socket, and the new
+// process writes that to ejabberd before it reads this one.
+func (r *relayWriter) ridEvent(e bosh.RIDEvent) { _ = r.write(frameRIDEvent, ridEventPayload(e)) }
+
+// ridEventPayload is a frameRIDEvent's payload: kind, rid, sid.
+func ridEventPayload(e bosh.RIDEvent) []byte {
+	b := binary.BigEndian.AppendUint64([]byte{byte(e.Kind)}, e.RID)
+	return append(b, e.SID...)
+}
+
+// parseRIDEvent reads ridEventPayload; ok is false if it is too short.
+func parseRIDEvent(p []byte) (e bosh.RIDEvent, ok bool) {
+	if len(p) < 9 {
+		return e, false
+	}
+	return bosh.RIDEvent{Kind: bosh.RIDEventKind(p[0]), RID: binary.BigEndian.Uint64(p[1:9]), SID: string(p[9:])}, true
 }
 
 // distFrames is what the old process's link of attachment index writes
@@ -610,6 +640,7 @@ func (s *Sidecar) startTakenOver() {
 	}
 	s.upgrade.taken = nil
 	s.front.ContinueRequestIDs(t.state.LastReqID + idGap)
+	s.front.AdoptOrder(t.state.BOSHOrder)
 	s.front.SetDraining(t.state.Draining) // the shim knows already
 	// What the new process passes back is written on its link's reader:
 	// an old process that does not take it within seconds is given up.
@@ -655,15 +686,21 @@ func (s *Sidecar) startTakenOver() {
 			if err != nil {
 				break
 			}
-			if kind == frameDistOut && len(payload) >= 2 {
+			switch {
+			case kind == frameDistOut && len(payload) >= 2:
 				if i := int(binary.BigEndian.Uint16(payload)); i < len(s.attached) {
 					_ = s.attached[i].WriteRelayedFrame(payload[2:])
+				}
+			case kind == frameRIDEvent:
+				if e, ok := parseRIDEvent(payload); ok {
+					s.front.Elsewhere(e)
 				}
 			}
 		}
 		for _, a := range s.attached {
 			a.ForwardUnknown(nil)
 		}
+		s.front.ElsewhereEnded()
 		t.uc.Close()
 		close(s.upgrade.predecessor)
 		s.log.Info("the old sidecar process has ended")

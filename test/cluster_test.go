@@ -100,8 +100,11 @@ type swarmResult struct {
 	Hung       int            `json:"hung"`
 	Terminated map[string]int `json:"terminated"`
 	OutOfOrder int            `json:"out_of_order"`
-	Sent       int            `json:"sent"`
-	Received   int            `json:"received"`
+	// ArrivalOutOfOrder is informative: Strophe's processing order, not
+	// the server's (bosh_swarm.mjs).
+	ArrivalOutOfOrder int `json:"arrival_out_of_order"`
+	Sent              int `json:"sent"`
+	Received          int `json:"received"`
 }
 
 // startSwarm runs many real Strophe.js BOSH sessions (user1..userN).

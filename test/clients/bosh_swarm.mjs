@@ -3,8 +3,16 @@
 //
 // Logs in --users users (PREFIX1..PREFIXn@HOST), prints READY on stdout once
 // every login has finished, then each logged-in user sends a numbered message
-// to its own full JID every --interval-ms for --duration seconds and checks
-// that they come back in order. The Go test stops an ejabberd node meanwhile.
+// to its own full JID every --interval-ms for --duration seconds (or until
+// SIGUSR2) and checks that they come back in order. The Go test stops an
+// ejabberd node, or upgrades the sidecar, meanwhile.
+//
+// "In order" is the order the server gave them: by the rid of the request
+// whose answer carried them, then their place in it. XEP-0124 (14.3) has
+// the client process answers in rid order; Strophe processes them as they
+// complete, so when its event loop is starved (a loaded machine) and two
+// answers are waiting, it can take the later one first, though the server
+// sent them a second apart. arrival_out_of_order counts those, for the log.
 // At the end each user is one of:
 //   alive       still connected, and still receiving its messages
 //   terminated  the server ended its session (with the condition Strophe saw)
@@ -65,12 +73,27 @@ class User {
         this.sent = 0;
         this.expected = 1;
         this.received = 0;
-        this.outOfOrder = 0;
+        this.outOfOrder = 0; // at the end: by rid (see the top)
+        this.arrivalOutOfOrder = 0;
+        this.rxRid = null; // the rid whose answer is being processed
+        this.rx = []; // [rid, place, n] of each message received
         this.lastRxAt = 0;
     }
 
     login() {
         this.conn = new Strophe.Connection(values.url);
+        // Strophe binds _dataRecv to each request as it makes it, and runs
+        // the stanza handlers inside it: wrapped here, onMessage knows the
+        // rid of the answer it is in.
+        const dataRecv = this.conn._dataRecv.bind(this.conn);
+        this.conn._dataRecv = (req, raw) => {
+            this.rxRid = req.rid;
+            try {
+                return dataRecv(req, raw);
+            } finally {
+                this.rxRid = null;
+            }
+        };
         return new Promise((resolve) => {
             this.conn.connect(this.jid, values.password, (status, condition) => {
                 const S = Strophe.Status;
@@ -99,8 +122,9 @@ class User {
         const match = body && /^swarm #(\d+)$/.exec(body.textContent);
         if (match) {
             const n = Number(match[1]);
-            if (n !== this.expected) this.outOfOrder++;
+            if (n !== this.expected) this.arrivalOutOfOrder++;
             this.expected = n + 1;
+            this.rx.push([this.rxRid ?? Infinity, this.rx.length, n]);
             this.received++;
             this.lastRxAt = Date.now();
         }
@@ -111,6 +135,16 @@ class User {
         if (this.state !== 'alive') return;
         this.sent++;
         this.conn.send($msg({ to: this.fullJid, type: 'chat' }).c('body').t(`swarm #${this.sent}`));
+    }
+
+    /** Counts the messages out of the server's order (see the top). */
+    countOutOfOrder() {
+        const byRid = [...this.rx].sort((x, y) => (x[0] - y[0]) || (x[1] - y[1]));
+        let want = 1;
+        for (const [, , n] of byRid) {
+            if (n !== want) this.outOfOrder++;
+            want = n + 1;
+        }
     }
 
     logout() {
@@ -139,21 +173,36 @@ async function main() {
     process.stdout.write(`READY ${JSON.stringify({ logged_in: loggedIn, failed: users.length - loggedIn })}\n`);
 
     const start = Date.now();
+    let stopped = false;
     const timers = users.map((u, i) => setTimeout(function loop() {
         u.tick();
-        if (Date.now() - start < opts.duration * 1000) timers[i] = setTimeout(loop, opts.intervalMs);
+        if (!stopped && Date.now() - start < opts.duration * 1000) timers[i] = setTimeout(loop, opts.intervalMs);
     }, (i * opts.intervalMs) / users.length));
-    await new Promise((r) => setTimeout(r, opts.duration * 1000 + 2000));
+    // Until --duration is over, or SIGUSR2 says the test is done with us.
+    await new Promise((r) => {
+        setTimeout(r, opts.duration * 1000);
+        process.once('SIGUSR2', r);
+    });
+    stopped = true;
+    const stoppedAt = Date.now();
     timers.forEach(clearTimeout);
+    // The last answers: until each live user has its messages back, at
+    // most 10 s (a loaded machine can take seconds), at least 2 s.
+    const settled = () => users.every((u) => u.state !== 'alive' || u.received >= u.sent);
+    for (let i = 0; i < 100 && (i < 20 || !settled()); i++) await new Promise((r) => setTimeout(r, 100));
 
-    const now = Date.now();
+    // Hung: nothing received in the hungAfter s up to 2 s after the stop
+    // (however long the wait for the last messages above took).
+    const now = Math.min(Date.now(), stoppedAt + 2000);
     const states = {};
     for (const u of users) states[u.state] = (states[u.state] || 0) + 1;
-    const report = { states, ok: true, users: users.length, logged_in: loggedIn, alive: 0, hung: 0, terminated: {}, failed_login: 0, out_of_order: 0, sent: 0, received: 0 };
+    const report = { states, ok: true, users: users.length, logged_in: loggedIn, alive: 0, hung: 0, terminated: {}, failed_login: 0, out_of_order: 0, arrival_out_of_order: 0, sent: 0, received: 0 };
     for (const u of users) {
+        u.countOutOfOrder();
         report.sent += u.sent;
         report.received += u.received;
         report.out_of_order += u.outOfOrder;
+        report.arrival_out_of_order += u.arrivalOutOfOrder;
         if (u.state === 'alive' && now - u.lastRxAt > opts.hungAfter * 1000) report.hung++;
         else if (u.state === 'alive') report.alive++;
         else if (u.state === 'terminated') report.terminated[u.condition || 'none'] = (report.terminated[u.condition || 'none'] || 0) + 1;
