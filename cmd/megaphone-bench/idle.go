@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,6 +26,7 @@ type idleResult struct {
 	// KiB per session: growth over the idle baseline divided by n.
 	beamRSS, erlang, erlangGC, sidecarRSS, kernel float64
 	processes, ports                              float64 // per session
+	allocators                                    string  // -alloc: the allocator breakdown, Markdown
 }
 
 // total is what one idle session costs the machine's server side: beam,
@@ -40,12 +42,22 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.T
 	if err != nil {
 		return idleResult{}, err
 	}
+	var baseAlloc allocSample
+	if c.alloc {
+		if baseAlloc, err = sampleAllocators(ctx, nd.ej); err != nil {
+			return idleResult{}, err
+		}
+	}
 	sessions, took, retried, err := loginAll(ctx, c, t, "b", 1, n)
 	if err != nil {
 		return idleResult{}, err
 	}
 	time.Sleep(c.idle)
 	loaded, err := measure(ctx, nd.ej, pid)
+	var loadedAlloc allocSample
+	if err == nil && c.alloc {
+		loadedAlloc, err = sampleAllocators(ctx, nd.ej)
+	}
 	if err == nil {
 		err = checkSessions(ctx, nd, n)
 	}
@@ -67,6 +79,12 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.T
 		kernel:    per(base.kernel, loaded.kernel) / 2,
 		processes: float64(loaded.processes-base.processes) / float64(n),
 		ports:     float64(loaded.ports-base.ports) / float64(n),
+	}
+	if c.alloc {
+		var b strings.Builder
+		writeAllocDiff(&b, fmt.Sprintf("%s, %s, N=%d", t.Kind, pathName(sc != nil), n), n, baseAlloc, loadedAlloc)
+		r.allocators = b.String()
+		fmt.Fprint(os.Stderr, r.allocators)
 	}
 	return r, settle(ctx, nd)
 }

@@ -53,6 +53,7 @@ type config struct {
 	tsungDir    string
 	tsungUsers  int
 	tsungScript string
+	alloc       bool // report where beam's memory sits, per allocator
 }
 
 func main() {
@@ -67,6 +68,7 @@ func main() {
 	flag.DurationVar(&c.idle, "idle", minIdle, "how long sessions idle before they are measured (at least the default: two sweeps)")
 	flag.StringVar(&c.out, "out", "", "also write the Markdown report to this file")
 	flag.StringVar(&c.plots, "plots", "", "write PNG plots (and their data) into this directory")
+	flag.BoolVar(&c.alloc, "alloc", false, "also report beam's allocators (carriers, blocks, carrier fill) per session")
 	tsung := flag.Bool("tsung", false, "serve both paths on fixed ports and run the Tsung scenarios instead")
 	flag.StringVar(&c.tsungDir, "tsung-dir", "bench/tsung", "Tsung scenario directory")
 	flag.IntVar(&c.tsungUsers, "tsung-users", 2000, "users registered for Tsung (tsung1..tsungN, passwords pw1..pwN)")

@@ -60,6 +60,9 @@ func renderReport(c config, idle []idleResult, chats []chatResult, failures []st
 			w("| %s | %.2f | %+.2f |\n", kindNames[m.kind], m.rate/n.rate, ms(m.pacedP99)-ms(n.pacedP99))
 		}
 	}
+	for _, r := range idle {
+		b.WriteString(r.allocators)
+	}
 	for _, f := range failures {
 		w("\n**Failed:** %s\n", f)
 	}
