@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/megaphone-im/megaphone/test/harness"
 )
@@ -144,6 +145,20 @@ func smapsRollup(pid int) (rss, anon, lazyFree int64) {
 	return rss, anon, lazyFree
 }
 
+// allocBreakdown samples the loaded node's allocators and follows its RSS
+// for a while, and returns the report (also written to stderr at once).
+func allocBreakdown(ctx context.Context, ej *harness.Ejabberd, label string, n int, base allocSample, baseRSS, loadedRSS int64) (string, error) {
+	loaded, err := sampleAllocators(ctx, ej)
+	if err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	writeAllocDiff(&b, label, n, base, loaded)
+	writeRSSDecay(&b, ej.Pid, n, baseRSS, loadedRSS)
+	fmt.Fprint(os.Stderr, b.String())
+	return b.String(), nil
+}
+
 // writeAllocDiff prints, per session, how each allocator grew from the
 // idle baseline to the loaded node, and the carrier fill of the loaded one.
 func writeAllocDiff(w io.Writer, label string, n int, base, loaded allocSample) {
@@ -171,4 +186,19 @@ func writeAllocDiff(w io.Writer, label string, n int, base, loaded allocSample) 
 		fmt.Fprintf(w, "| %s | %d-%d%% | %d | %.1f | %.1f |\n", f.alloc, f.decile*10, f.decile*10+10, f.carriers,
 			float64(f.carrierSize)/(1<<20), float64(f.blockSz)/(1<<20))
 	}
+}
+
+// writeRSSDecay follows beam's RSS for a while after the forced GC:
+// carriers the GC emptied wait in mseg_alloc's cache (up to 10 per
+// scheduler), which gives one back to the OS about every second.
+func writeRSSDecay(w io.Writer, pid, n int, base, atGC int64) {
+	per := func(v int64) float64 { return float64(v-base) / float64(n) / 1024 }
+	fmt.Fprintf(w, "\nbeam RSS after the forced GC, KiB per session: at once %.1f", per(atGC))
+	for i := 1; i <= 15; i++ {
+		time.Sleep(time.Second)
+		if i%3 == 0 {
+			fmt.Fprintf(w, ", %d s %.1f", i, per(rss(pid)))
+		}
+	}
+	fmt.Fprintln(w)
 }

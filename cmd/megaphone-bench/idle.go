@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -54,9 +53,10 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.T
 	}
 	time.Sleep(c.idle)
 	loaded, err := measure(ctx, nd.ej, pid)
-	var loadedAlloc allocSample
+	var allocators string
 	if err == nil && c.alloc {
-		loadedAlloc, err = sampleAllocators(ctx, nd.ej)
+		label := fmt.Sprintf("%s, %s, N=%d", t.Kind, pathName(sc != nil), n)
+		allocators, err = allocBreakdown(ctx, nd.ej, label, n, baseAlloc, base.beamRSS, loaded.beamRSS)
 	}
 	if err == nil {
 		err = checkSessions(ctx, nd, n)
@@ -76,15 +76,10 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.T
 		sidecarRSS: per(base.sidecarRSS, loaded.sidecarRSS),
 		// Both ends of every client connection are on this box; the
 		// server's end is half.
-		kernel:    per(base.kernel, loaded.kernel) / 2,
-		processes: float64(loaded.processes-base.processes) / float64(n),
-		ports:     float64(loaded.ports-base.ports) / float64(n),
-	}
-	if c.alloc {
-		var b strings.Builder
-		writeAllocDiff(&b, fmt.Sprintf("%s, %s, N=%d", t.Kind, pathName(sc != nil), n), n, baseAlloc, loadedAlloc)
-		r.allocators = b.String()
-		fmt.Fprint(os.Stderr, r.allocators)
+		kernel:     per(base.kernel, loaded.kernel) / 2,
+		processes:  float64(loaded.processes-base.processes) / float64(n),
+		ports:      float64(loaded.ports-base.ports) / float64(n),
+		allocators: allocators,
 	}
 	return r, settle(ctx, nd)
 }
