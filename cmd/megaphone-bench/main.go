@@ -47,6 +47,7 @@ type config struct {
 	chatFor     time.Duration
 	pacedRate   float64 // messages per second per pair in the paced phase
 	idle        time.Duration
+	sweep       time.Duration // the shim's gc_sweep_interval
 	dialer      *loadgen.Dialer
 	cert, key   string
 	out, plots  string
@@ -65,7 +66,8 @@ func main() {
 	flag.IntVar(&c.pairs, "pairs", 200, "chatting pairs (0: no chat)")
 	flag.DurationVar(&c.chatFor, "chat-for", 5*time.Second, "length of each chat phase")
 	flag.Float64Var(&c.pacedRate, "paced-rate", 5, "messages per second per pair in the paced chat phase")
-	flag.DurationVar(&c.idle, "idle", minIdle, "how long sessions idle before they are measured (at least the default: two sweeps)")
+	flag.DurationVar(&c.sweep, "sweep", defaultSweep, "the shim's idle-c2s sweep interval (gc_sweep_interval; the shim's own default is 60s)")
+	flag.DurationVar(&c.idle, "idle", minIdle(defaultSweep), "how long sessions idle before they are measured (at least three sweeps and a second)")
 	flag.StringVar(&c.out, "out", "", "also write the Markdown report to this file")
 	flag.StringVar(&c.plots, "plots", "", "write PNG plots (and their data) into this directory")
 	flag.BoolVar(&c.alloc, "alloc", false, "also report beam's allocators (carriers, blocks, carrier fill) per session")
@@ -76,7 +78,7 @@ func main() {
 
 	c.bin, c.ebin = os.Getenv("MEGAPHONE_BIN"), os.Getenv("MEGAPHONE_SHIM_EBIN")
 	c.dialer = loadgen.NewDialer(*sources)
-	c.idle = max(c.idle, minIdle)
+	c.idle = max(c.idle, minIdle(c.sweep))
 	var err error
 	if c.ns, err = parseInts(*ns); err == nil {
 		c.kinds, err = parseKinds(*kinds)
