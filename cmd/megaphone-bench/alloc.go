@@ -152,8 +152,20 @@ func allocBreakdown(ctx context.Context, ej *harness.Ejabberd, label string, n i
 	if err != nil {
 		return "", err
 	}
+	// The largest processes, and the heap of a typical c2s (by the
+	// median memory of the ejabberd_c2s processes).
+	top, err := ej.Eval(ctx, `Info = [{M, P} || P <- processes(), {memory, M} <- [erlang:process_info(P, memory)]],
+	    C2S = lists:sort([M || {M, P} <- Info, {dictionary, D} <- [erlang:process_info(P, dictionary)],
+	                           lists:keyfind('$initial_call', 1, D) =:= {'$initial_call', {xmpp_stream_in, init, 1}}]),
+	    Median = case C2S of [] -> none; _ -> lists:nth(length(C2S) div 2 + 1, C2S) end,
+	    {Median, [{M, erlang:process_info(P, [registered_name, initial_call, current_function, heap_size, total_heap_size])}
+	              || {M, P} <- lists:sublist(lists:reverse(lists:sort(Info)), 4)]}`)
+	if err != nil {
+		return "", err
+	}
 	var b strings.Builder
 	writeAllocDiff(&b, label, n, base, loaded)
+	fmt.Fprintf(&b, "\nMedian c2s memory (bytes) and the largest processes:\n\n```\n%s\n```\n", strings.TrimSpace(top))
 	writeRSSDecay(&b, ej.Pid, n, baseRSS, loadedRSS)
 	fmt.Fprint(os.Stderr, b.String())
 	return b.String(), nil

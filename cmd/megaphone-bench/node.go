@@ -77,6 +77,11 @@ func (nd *node) prepare(ctx context.Context, c config, users int) error {
 	if _, err := nd.ej.Eval(ctx, fmt.Sprintf("application:set_env(megaphone, gc_sweep_interval, %d)", c.sweep.Milliseconds())); err != nil {
 		return err
 	}
+	for k, v := range c.shimEnv {
+		if _, err := nd.ej.Eval(ctx, fmt.Sprintf("application:set_env(megaphone, %s, %d)", k, v)); err != nil {
+			return err
+		}
+	}
 	if err := registerUsers(ctx, nd.ej, "b", "pw", users, false); err != nil {
 		return err
 	}
