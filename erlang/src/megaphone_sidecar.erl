@@ -22,6 +22,10 @@
 -define(TOKEN_BYTES, 16).
 %% How many times a fresh c2s is looked at for its login collection.
 -define(LOGIN_GC_LOOKS, 10).
+%% A c2s counts as idle between two looks if its reductions moved by less
+%% than this: looking costs the looked-at process a few (process_info is a
+%% signal it serves), handling any stanza thousands.
+-define(IDLE(Before, Now), (Now - Before < 100)).
 
 -record(state, {
           sidecar :: pid(),
@@ -137,6 +141,8 @@ handle_info({garbage_collect, megaphone_sweep, _}, State) ->
     {noreply, State};
 handle_info(login_gc, State) ->
     {noreply, schedule_login_gc(login_gc(State#state{fresh_timer = false}))};
+handle_info({garbage_collect, {login_gc, Ref}, _}, State) ->
+    {noreply, login_collected(Ref, State)};
 handle_info({'DOWN', Ref, process, _, Reason}, #state{workers = Workers} = State) ->
     case maps:take(Ref, Workers) of
         {{ConnId, ReqId, _Pid}, Rest} ->
@@ -294,9 +300,9 @@ sweep(#state{c2s = C2S} = State) ->
         maps:fold(
           fun(Ref, {Pid, Last, Id}, {Acc, N}) ->
                   case erlang:process_info(Pid, [reductions, message_queue_len]) of
-                      [{reductions, Last}, {message_queue_len, 0}] ->
+                      [{reductions, Now}, {message_queue_len, 0}] when ?IDLE(Last, Now) ->
                           erlang:garbage_collect(Pid, [{async, megaphone_sweep}]),
-                          {Acc#{Ref => {Pid, Last, Id}}, N + 1};
+                          {Acc#{Ref => {Pid, Now, Id}}, N + 1};
                       [{reductions, Now}, _] ->
                           {Acc#{Ref => {Pid, Now, Id}}, N};
                       undefined ->
@@ -327,21 +333,35 @@ login_gc(#state{c2s = C2S, fresh = Fresh} = State) ->
     {Fresh1, Collected} =
         maps:fold(
           fun(Ref, {Last, AtGC, Looks}, {Acc, N}) ->
-                  {Pid, _, _} = maps:get(Ref, C2S),
+                  {Pid, _, _} = maps:get(Ref, C2S),    % a c2s that ends leaves both maps
                   case erlang:process_info(Pid, [reductions, message_queue_len]) of
-                      [{reductions, Last}, {message_queue_len, 0}] when Last =/= AtGC ->
-                          erlang:garbage_collect(Pid, [{async, megaphone_sweep}]),
-                          {keep_fresh(Ref, {Last, Last, Looks - 1}, Acc), N + 1};
+                      [{reductions, Now}, {message_queue_len, 0}] when ?IDLE(Last, Now), not ?IDLE(AtGC, Now) ->
+                          erlang:garbage_collect(Pid, [{async, {login_gc, Ref}}]),
+                          {keep_fresh(Ref, {Now, Now, Looks - 1}, Acc), N + 1};
                       [{reductions, Now}, _] ->
                           {keep_fresh(Ref, {Now, AtGC, Looks - 1}, Acc), N};
                       undefined ->
                           {Acc, N}
                   end
-          end, {#{}, 0}, maps:with(maps:keys(C2S), Fresh)),
+          end, {#{}, 0}, Fresh),
     State#state{fresh = Fresh1, login_collected = State#state.login_collected + Collected}.
 
 keep_fresh(_Ref, {_, _, 0}, Acc) -> Acc;
 keep_fresh(Ref, Entry, Acc) -> Acc#{Ref => Entry}.
+
+%% A collection counts as work in the collected process's reductions, so
+%% once it is done they are read again: only the client's work after it
+%% makes the c2s due for another.
+login_collected(Ref, #state{c2s = C2S, fresh = Fresh} = State) ->
+    case {maps:find(Ref, Fresh), maps:find(Ref, C2S)} of
+        {{ok, {_, _, Looks}}, {ok, {Pid, _, _}}} ->
+            case erlang:process_info(Pid, reductions) of
+                {reductions, Now} -> State#state{fresh = Fresh#{Ref => {Now, Now, Looks}}};
+                undefined -> State
+            end;
+        _ ->
+            State
+    end.
 
 start_c2s(ConnId, Socket) ->
     try
