@@ -268,7 +268,8 @@ Wait = fun W(0) -> Cached(); W(K) -> case Cached() of 0 -> 0; _ -> timer:sleep(2
 Wait(120)`
 
 func waitSegmentCache(ctx context.Context, ej *harness.Ejabberd) error {
-	ctx, cancel := context.WithTimeout(ctx, 45*time.Second)
+	// The probe node itself can take many seconds to start on a busy box.
+	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
 	defer cancel()
 	v, err := ej.Eval(ctx, segmentCacheExpr)
 	if err != nil {
