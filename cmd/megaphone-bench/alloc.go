@@ -90,6 +90,8 @@ type allocSample struct {
 
 func sampleAllocators(ctx context.Context, ej *harness.Ejabberd) (allocSample, error) {
 	s := allocSample{sizes: map[string]allocSizes{}}
+	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
 	v, err := ej.Eval(ctx, allocExpr)
 	if err != nil {
 		return s, err
@@ -148,6 +150,9 @@ func smapsRollup(pid int) (rss, anon, lazyFree int64) {
 // allocBreakdown samples the loaded node's allocators and follows its RSS
 // for a while, and returns the report (also written to stderr at once).
 func allocBreakdown(ctx context.Context, ej *harness.Ejabberd, label string, n int, base allocSample, baseRSS, loadedRSS int64) (string, error) {
+	// A walk over every process; the probe node also starts slowly on a busy box.
+	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
 	loaded, err := sampleAllocators(ctx, ej)
 	if err != nil {
 		return "", err
