@@ -48,8 +48,8 @@
           requests = 0 :: non_neg_integer(),
           streams = 0 :: non_neg_integer(),
           %% Live c2s processes, by monitor, with their reductions at the
-          %% last sweep (a c2s whose count has not moved is idle) and the
-          %% sidecar's connection id.
+          %% last sweep (a c2s whose count has barely moved is idle) and
+          %% the sidecar's connection id.
           c2s = #{} :: #{reference() => {pid(), non_neg_integer(), non_neg_integer()}},
           %% c2s processes started lately, still logging in: their
           %% reductions at the last look, at the last collection, and how
@@ -333,14 +333,15 @@ login_gc(#state{c2s = C2S, fresh = Fresh} = State) ->
     {Fresh1, Collected} =
         maps:fold(
           fun(Ref, {Last, AtGC, Looks}, {Acc, N}) ->
-                  {Pid, _, _} = maps:get(Ref, C2S),    % a c2s that ends leaves both maps
-                  case erlang:process_info(Pid, [reductions, message_queue_len]) of
+                  %% The sweep drops a dead c2s before its 'DOWN' arrives.
+                  Pid = case maps:find(Ref, C2S) of {ok, {P, _, _}} -> P; error -> gone end,
+                  case is_pid(Pid) andalso erlang:process_info(Pid, [reductions, message_queue_len]) of
                       [{reductions, Now}, {message_queue_len, 0}] when ?IDLE(Last, Now), not ?IDLE(AtGC, Now) ->
                           erlang:garbage_collect(Pid, [{async, {login_gc, Ref}}]),
                           {keep_fresh(Ref, {Now, Now, Looks - 1}, Acc), N + 1};
                       [{reductions, Now}, _] ->
                           {keep_fresh(Ref, {Now, AtGC, Looks - 1}, Acc), N};
-                      undefined ->
+                      _ ->    % ended
                           {Acc, N}
                   end
           end, {#{}, 0}, Fresh),
