@@ -98,6 +98,27 @@ func testXMPPClientsThroughSidecar(t *testing.T, tg target) {
 	})
 }
 
+// A new stream's c2s is collected as soon as its client's login is done
+// (login_gc_interval, 1 s), long before the sweep (60 s) would get to it:
+// left alone it keeps the login's garbage, 60-90 KiB (BENCH.md).
+func TestXMPPLoginCollected(t *testing.T) { forEachTarget(t, testXMPPLoginCollected) }
+
+func testXMPPLoginCollected(t *testing.T, tg target) {
+	ej := tg.startEjabberd(t, harness.Options{})
+	sc := startStreamSidecar(t, ej)
+	c := rawLogin(t, sc.c2sTLS, "alice")
+	defer c.Close()
+	c2sMemory := `lists:sum([M || {U, S, R} <- ejabberd_sm:dirty_get_sessions_list(),
+	    {memory, M} <- [erlang:process_info(ejabberd_sm:get_session_pid(U, S, R), memory)]])`
+	waitUntil(t, 15*time.Second, "the new c2s collected once its login is done", func() bool {
+		return evalInt(t, ej, c2sMemory) < 20000 &&
+			evalInt(t, ej, `lists:sum([maps:get(gc_login, S) || S <- maps:get(sidecars, megaphone:status())])`) >= 1
+	})
+	if swept := evalInt(t, ej, `lists:sum([maps:get(gc_swept, S) || S <- maps:get(sidecars, megaphone:status())])`); swept != 0 {
+		t.Errorf("the 60 s sweep ran already (%d): the test cannot tell who collected the c2s", swept)
+	}
+}
+
 // Closing from every side: ejabberd kicks the session, the sidecar dies.
 // Clients see the stream end, and ejabberd keeps no c2s process. The
 // clients use stream management, so when their connection drops ejabberd

@@ -195,7 +195,7 @@ func TestShellCommands(t *testing.T) {
 // it starts with ejabberd, once for two virtual hosts, validates its
 // options, follows reload_config, and serves a sidecar.
 func TestModMegaphone(t *testing.T) {
-	extra := "modules:\n  mod_megaphone:\n    gc_sweep_interval: 5\n    send_busy_timeout: 700\n" +
+	extra := "modules:\n  mod_megaphone:\n    gc_sweep_interval: 5\n    login_gc_interval: 300\n    send_busy_timeout: 700\n" +
 		"    allowed_sidecars: [\"megaphone_e2e_*@localhost\"]\n"
 	ej := harness.MustStart(t, hostTarget.Options(harness.Options{Name: "modmeg",
 		Hosts: []string{"localhost", "example.test"}, CodePaths: []string{shimEbin}, ExtraConfig: extra}))
@@ -207,8 +207,8 @@ func TestModMegaphone(t *testing.T) {
 		}
 	}
 	if got := eval(t, ej, `{application:get_env(megaphone, gc_sweep_interval), application:get_env(megaphone, send_busy_timeout),
-	    application:get_env(megaphone, allowed_sidecars),
-	    is_pid(whereis(megaphone_listener)), length([H || H <- ejabberd_option:hosts(), gen_mod:is_loaded(H, mod_megaphone)])}`); got != `{{ok,5000},{ok,700},{ok,[<<"megaphone_e2e_*@localhost">>]},true,2}` {
+	    application:get_env(megaphone, allowed_sidecars), application:get_env(megaphone, login_gc_interval),
+	    is_pid(whereis(megaphone_listener)), length([H || H <- ejabberd_option:hosts(), gen_mod:is_loaded(H, mod_megaphone)])}`); got != `{{ok,5000},{ok,700},{ok,[<<"megaphone_e2e_*@localhost">>]},{ok,300},true,2}` {
 		t.Fatalf("mod_megaphone at boot: %s", got)
 	}
 	sc := startSidecar(t, ej, "")

@@ -26,7 +26,7 @@ func TestSmoke(t *testing.T) {
 	// A one-second idle: the smoke run checks the harness works, not the
 	// figures, which need two sweeps (minIdle) to mean anything.
 	c := config{bin: bin, ebin: ebin, ns: []int{20}, workers: 10, pairs: 5, chatFor: time.Second, pacedRate: 5,
-		idle: time.Second, dialer: loadgen.NewDialer(4), out: filepath.Join(dir, "bench.md"),
+		idle: time.Second, sweep: defaultSweep, dialer: loadgen.NewDialer(4), out: filepath.Join(dir, "bench.md"),
 		kinds: []loadgen.Kind{loadgen.TCP, loadgen.TLS, loadgen.WebSocket, loadgen.BOSH}}
 	if _, err := exec.LookPath("gnuplot"); err == nil {
 		c.plots = dir

@@ -13,7 +13,7 @@ import (
 )
 
 // minIdle lets two sweeps of the shim see every c2s idle.
-const minIdle = 3*sweepMs*time.Millisecond + time.Second
+func minIdle(sweep time.Duration) time.Duration { return 3*sweep + time.Second }
 
 // idleResult is one path's idle-session cost at one N, per session.
 type idleResult struct {
@@ -24,7 +24,9 @@ type idleResult struct {
 	retried   int     // logins that failed once and were tried again
 	// KiB per session: growth over the idle baseline divided by n.
 	beamRSS, erlang, erlangGC, sidecarRSS, kernel float64
+	beamPeak                                      float64 // beam's highest RSS while the sessions logged in and idled
 	processes, ports                              float64 // per session
+	allocators                                    string  // -alloc: the allocator breakdown, Markdown
 }
 
 // total is what one idle session costs the machine's server side: beam,
@@ -40,12 +42,26 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.T
 	if err != nil {
 		return idleResult{}, err
 	}
+	var baseAlloc allocSample
+	if c.alloc {
+		if baseAlloc, err = sampleAllocators(ctx, nd.ej); err != nil {
+			return idleResult{}, err
+		}
+	}
+	peak := watchPeakRSS(nd.ej.Pid)
 	sessions, took, retried, err := loginAll(ctx, c, t, "b", 1, n)
 	if err != nil {
+		peak()
 		return idleResult{}, err
 	}
 	time.Sleep(c.idle)
+	beamPeak := peak()
 	loaded, err := measure(ctx, nd.ej, pid)
+	var allocators string
+	if err == nil && c.alloc {
+		label := fmt.Sprintf("%s, %s, N=%d", t.Kind, pathName(sc != nil), n)
+		allocators, err = allocBreakdown(ctx, nd.ej, label, n, baseAlloc, base.beamRSS, loaded.beamRSS)
+	}
 	if err == nil {
 		err = checkSessions(ctx, nd, n)
 	}
@@ -59,16 +75,39 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.T
 		loginRate:  float64(n) / took.Seconds(),
 		retried:    retried,
 		beamRSS:    per(base.beamRSS, loaded.beamRSS),
+		beamPeak:   per(base.beamRSS, beamPeak),
 		erlang:     per(base.erlangGC, loaded.erlangTotal),
 		erlangGC:   per(base.erlangGC, loaded.erlangGC),
 		sidecarRSS: per(base.sidecarRSS, loaded.sidecarRSS),
 		// Both ends of every client connection are on this box; the
 		// server's end is half.
-		kernel:    per(base.kernel, loaded.kernel) / 2,
-		processes: float64(loaded.processes-base.processes) / float64(n),
-		ports:     float64(loaded.ports-base.ports) / float64(n),
+		kernel:     per(base.kernel, loaded.kernel) / 2,
+		processes:  float64(loaded.processes-base.processes) / float64(n),
+		ports:      float64(loaded.ports-base.ports) / float64(n),
+		allocators: allocators,
 	}
 	return r, settle(ctx, nd)
+}
+
+// watchPeakRSS samples a process's RSS every 100 ms until the returned
+// function is called, which returns the highest.
+func watchPeakRSS(pid int) func() int64 {
+	stop, done := make(chan struct{}), make(chan int64)
+	go func() {
+		highest := rss(pid)
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				done <- highest
+				return
+			case <-tick.C:
+				highest = max(highest, rss(pid))
+			}
+		}
+	}()
+	return func() int64 { close(stop); return <-done }
 }
 
 // checkSessions makes sure every session measured was still logged in.

@@ -47,12 +47,15 @@ type config struct {
 	chatFor     time.Duration
 	pacedRate   float64 // messages per second per pair in the paced phase
 	idle        time.Duration
+	sweep       time.Duration  // the shim's gc_sweep_interval
+	shimEnv     map[string]int // more of the shim's application environment
 	dialer      *loadgen.Dialer
 	cert, key   string
 	out, plots  string
 	tsungDir    string
 	tsungUsers  int
 	tsungScript string
+	alloc       bool // report where beam's memory sits, per allocator
 }
 
 func main() {
@@ -64,9 +67,12 @@ func main() {
 	flag.IntVar(&c.pairs, "pairs", 200, "chatting pairs (0: no chat)")
 	flag.DurationVar(&c.chatFor, "chat-for", 5*time.Second, "length of each chat phase")
 	flag.Float64Var(&c.pacedRate, "paced-rate", 5, "messages per second per pair in the paced chat phase")
-	flag.DurationVar(&c.idle, "idle", minIdle, "how long sessions idle before they are measured (at least the default: two sweeps)")
+	flag.DurationVar(&c.sweep, "sweep", defaultSweep, "the shim's idle-c2s sweep interval (gc_sweep_interval; the shim's own default is 60s)")
+	flag.DurationVar(&c.idle, "idle", minIdle(defaultSweep), "how long sessions idle before they are measured (at least three sweeps and a second)")
 	flag.StringVar(&c.out, "out", "", "also write the Markdown report to this file")
 	flag.StringVar(&c.plots, "plots", "", "write PNG plots (and their data) into this directory")
+	flag.BoolVar(&c.alloc, "alloc", false, "also report beam's allocators (carriers, blocks, carrier fill) per session")
+	shimEnv := flag.String("shim-env", "", "more of the shim's settings for the run, as key=integer,... (e.g. login_gc_interval=0)")
 	tsung := flag.Bool("tsung", false, "serve both paths on fixed ports and run the Tsung scenarios instead")
 	flag.StringVar(&c.tsungDir, "tsung-dir", "bench/tsung", "Tsung scenario directory")
 	flag.IntVar(&c.tsungUsers, "tsung-users", 2000, "users registered for Tsung (tsung1..tsungN, passwords pw1..pwN)")
@@ -74,10 +80,13 @@ func main() {
 
 	c.bin, c.ebin = os.Getenv("MEGAPHONE_BIN"), os.Getenv("MEGAPHONE_SHIM_EBIN")
 	c.dialer = loadgen.NewDialer(*sources)
-	c.idle = max(c.idle, minIdle)
+	c.idle = max(c.idle, minIdle(c.sweep))
 	var err error
 	if c.ns, err = parseInts(*ns); err == nil {
 		c.kinds, err = parseKinds(*kinds)
+	}
+	if err == nil {
+		c.shimEnv, err = parseShimEnv(*shimEnv)
 	}
 	if err == nil && (c.bin == "" || c.ebin == "") {
 		err = fmt.Errorf("set MEGAPHONE_BIN and MEGAPHONE_SHIM_EBIN (make bench does)")
@@ -107,6 +116,25 @@ func parseInts(s string) ([]int, error) {
 	}
 	sort.Ints(out)
 	return out, nil
+}
+
+// parseShimEnv reads key=integer pairs for the shim's application
+// environment; keys are plain lowercase names, so they are safe to put in
+// an Erlang expression.
+func parseShimEnv(s string) (map[string]int, error) {
+	env := map[string]int{}
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		k, v, ok := strings.Cut(f, "=")
+		n, err := strconv.Atoi(v)
+		if !ok || err != nil || k == "" || strings.Trim(k, "abcdefghijklmnopqrstuvwxyz_") != "" {
+			return nil, fmt.Errorf("bad shim setting %q (want name=integer)", f)
+		}
+		env[k] = n
+	}
+	return env, nil
 }
 
 func parseKinds(s string) ([]loadgen.Kind, error) {

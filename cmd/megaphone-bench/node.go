@@ -16,9 +16,9 @@ import (
 	"github.com/megaphone-im/megaphone/test/harness"
 )
 
-// sweepMs is the shim's idle-c2s sweep interval for the run (60 s by
-// default): short, so that the idle wait sees its effect.
-const sweepMs = 2000
+// defaultSweep is the shim's idle-c2s sweep interval for the run (60 s by
+// default in the shim): short, so that the idle wait sees its effect.
+const defaultSweep = 2 * time.Second
 
 // node is one private ejabberd with the shim loaded, a direct-TLS c2s
 // listener beside the harness's plain one, and users b1..bN (password pw).
@@ -74,8 +74,13 @@ func (nd *node) prepare(ctx context.Context, c config, users int) error {
 	if out, err := nd.ej.LoadShim(ctx, c.ebin); err != nil {
 		return fmt.Errorf("shim: %v\n%s", err, out)
 	}
-	if _, err := nd.ej.Eval(ctx, fmt.Sprintf("application:set_env(megaphone, gc_sweep_interval, %d)", sweepMs)); err != nil {
+	if _, err := nd.ej.Eval(ctx, fmt.Sprintf("application:set_env(megaphone, gc_sweep_interval, %d)", c.sweep.Milliseconds())); err != nil {
 		return err
+	}
+	for k, v := range c.shimEnv {
+		if _, err := nd.ej.Eval(ctx, fmt.Sprintf("application:set_env(megaphone, %s, %d)", k, v)); err != nil {
+			return err
+		}
 	}
 	if err := registerUsers(ctx, nd.ej, "b", "pw", users, false); err != nil {
 		return err
@@ -237,12 +242,43 @@ func measure(ctx context.Context, ej *harness.Ejabberd, sidecarPid int) (sample,
 	s.processes, _ = strconv.Atoi(f[1])
 	s.ports, _ = strconv.Atoi(f[2])
 	s.erlangGC, _ = strconv.ParseInt(f[3], 10, 64)
+	if err := waitSegmentCache(ctx, ej); err != nil {
+		return s, err
+	}
 	s.beamRSS = rss(ej.Pid)
 	if sidecarPid > 0 {
 		s.sidecarRSS = rss(sidecarPid)
 	}
 	s.kernel = kernelTCPBuffers() + kernelSocketSlabs()
 	return s, nil
+}
+
+// segmentCacheExpr waits (at most 30 s) until mseg_alloc has given every
+// segment in its cache back to the OS, and returns how many are left.
+// Carriers a collection empties wait in that cache (up to 10 per scheduler,
+// 1-8 MiB each), which gives one back about every second: read at once
+// after the forced GC, beam's RSS counted them, up to 16 KiB per session at
+// N=5000 (BENCH.md, 2026-12-02), memory the node returns within seconds
+// on its own.
+const segmentCacheExpr = `
+Cached = fun() -> lists:sum([proplists:get_value(cached_segments, proplists:get_value(status, M, []), 0)
+                             || {instance, _, I} <- erlang:system_info({allocator, mseg_alloc}),
+                                {memkind, M} <- I]) end,
+Wait = fun W(0) -> Cached(); W(K) -> case Cached() of 0 -> 0; _ -> timer:sleep(250), W(K - 1) end end,
+Wait(120)`
+
+func waitSegmentCache(ctx context.Context, ej *harness.Ejabberd) error {
+	// The probe node itself can take many seconds to start on a busy box.
+	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
+	v, err := ej.Eval(ctx, segmentCacheExpr)
+	if err != nil {
+		return fmt.Errorf("waiting for mseg_alloc's cache: %w", err)
+	}
+	if left := strings.TrimSpace(v); left != "0" {
+		fmt.Fprintf(os.Stderr, "megaphone-bench: %s segments still in mseg_alloc's cache after 30 s\n", left)
+	}
+	return nil
 }
 
 func rss(pid int) int64 {

@@ -111,10 +111,10 @@ func tsungScenario(ctx context.Context, c config, file, logDir string) (string, 
 		return "", err
 	}
 	nd.baseline, _ = strconv.Atoi(strings.TrimSpace(v))
-	return runScenario(ctx, nd, sc, file, logDir)
+	return runScenario(ctx, nd, sc, file, logDir, minIdle(c.sweep))
 }
 
-func runScenario(ctx context.Context, nd *node, sc *sidecar, file, logDir string) (string, error) {
+func runScenario(ctx context.Context, nd *node, sc *sidecar, file, logDir string, idle time.Duration) (string, error) {
 	text, err := os.ReadFile(file)
 	if err != nil {
 		return "", err
@@ -165,7 +165,7 @@ func runScenario(ctx context.Context, nd *node, sc *sidecar, file, logDir string
 		case <-time.After(500 * time.Millisecond):
 		}
 	}
-	time.Sleep(minIdle)
+	time.Sleep(idle)
 	loaded, err := measure(ctx, nd.ej, sc.pid())
 	if err != nil {
 		stopTsung()

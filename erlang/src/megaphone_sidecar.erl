@@ -20,6 +20,12 @@
 %% wraps each of its messages as {from_sidecar, Token, Msg}.
 -define(TOKEN_VERSION, 3).
 -define(TOKEN_BYTES, 16).
+%% How many times a fresh c2s is looked at for its login collection.
+-define(LOGIN_GC_LOOKS, 10).
+%% A c2s counts as idle between two looks if its reductions moved by less
+%% than this: looking costs the looked-at process a few (process_info is a
+%% signal it serves), handling any stanza thousands.
+-define(IDLE(Before, Now), (Now - Before < 100)).
 
 -record(state, {
           sidecar :: pid(),
@@ -42,11 +48,17 @@
           requests = 0 :: non_neg_integer(),
           streams = 0 :: non_neg_integer(),
           %% Live c2s processes, by monitor, with their reductions at the
-          %% last sweep (a c2s whose count has not moved is idle) and the
-          %% sidecar's connection id.
+          %% last sweep (a c2s whose count has barely moved is idle) and
+          %% the sidecar's connection id.
           c2s = #{} :: #{reference() => {pid(), non_neg_integer(), non_neg_integer()}},
+          %% c2s processes started lately, still logging in: their
+          %% reductions at the last look, at the last collection, and how
+          %% many more looks they get (see login_gc/1).
+          fresh = #{} :: #{reference() => {non_neg_integer(), non_neg_integer(), non_neg_integer()}},
+          fresh_timer = false :: boolean(),
           draining = false :: boolean(),
           swept = 0 :: non_neg_integer(),
+          login_collected = 0 :: non_neg_integer(),
           cancelled = 0 :: non_neg_integer(),
           failed = 0 :: non_neg_integer()}).
 
@@ -103,7 +115,7 @@ handle_call(_Request, _From, State) ->
 handle_cast(_Msg, State) ->
     {noreply, State}.
 
--spec handle_info(term(), #state{}) -> {noreply, #state{}} | {stop, normal, #state{}}.
+-spec handle_info(term(), #state{}) -> {noreply, #state{}} | {noreply, #state{}, hibernate} | {stop, normal, #state{}}.
 handle_info({from_sidecar, Token, Msg}, #state{token = Token} = State) when is_binary(Token) ->
     from_sidecar(Msg, State);
 handle_info({from_sidecar, _, _} = Msg, State) ->
@@ -118,12 +130,19 @@ handle_info({'DOWN', Ref, process, _, Reason}, #state{monitor = Ref} = State) ->
     {stop, normal, State};
 handle_info({'DOWN', Ref, process, _, _Reason}, #state{c2s = C2S} = State)
   when is_map_key(Ref, C2S) ->
-    {noreply, State#state{c2s = maps:remove(Ref, C2S)}};
+    {noreply, State#state{c2s = maps:remove(Ref, C2S), fresh = maps:remove(Ref, State#state.fresh)}};
 handle_info(sweep, State) ->
     schedule_sweep(),
-    {noreply, sweep(State)};
+    %% The sweep rebuilds the c2s map, and with thousands of streams the
+    %% garbage of those rebuilds grew this process to ~1 KiB a stream
+    %% (BENCH.md, 2026-12-02). Hibernating compacts it to what it holds.
+    {noreply, sweep(State), hibernate};
 handle_info({garbage_collect, megaphone_sweep, _}, State) ->
     {noreply, State};
+handle_info(login_gc, State) ->
+    {noreply, schedule_login_gc(login_gc(State#state{fresh_timer = false}))};
+handle_info({garbage_collect, {login_gc, Ref}, _}, State) ->
+    {noreply, login_collected(Ref, State)};
 handle_info({'DOWN', Ref, process, _, Reason}, #state{workers = Workers} = State) ->
     case maps:take(Ref, Workers) of
         {{ConnId, ReqId, _Pid}, Rest} ->
@@ -259,8 +278,9 @@ open_c2s(ConnId, TransportBin, Peer, Local, #state{sidecar = Sidecar} = State) -
     case Reply of
         {c2s_started, _, Pid, _} ->
             Ref = erlang:monitor(process, Pid),
-            State#state{streams = State#state.streams + 1,
-                        c2s = (State#state.c2s)#{Ref => {Pid, 0, ConnId}}};
+            schedule_login_gc(State#state{streams = State#state.streams + 1,
+                                          c2s = (State#state.c2s)#{Ref => {Pid, 0, ConnId}},
+                                          fresh = (State#state.fresh)#{Ref => {0, 0, ?LOGIN_GC_LOOKS}}});
         _ ->
             State
     end.
@@ -280,9 +300,9 @@ sweep(#state{c2s = C2S} = State) ->
         maps:fold(
           fun(Ref, {Pid, Last, Id}, {Acc, N}) ->
                   case erlang:process_info(Pid, [reductions, message_queue_len]) of
-                      [{reductions, Last}, {message_queue_len, 0}] ->
+                      [{reductions, Now}, {message_queue_len, 0}] when ?IDLE(Last, Now) ->
                           erlang:garbage_collect(Pid, [{async, megaphone_sweep}]),
-                          {Acc#{Ref => {Pid, Last, Id}}, N + 1};
+                          {Acc#{Ref => {Pid, Now, Id}}, N + 1};
                       [{reductions, Now}, _] ->
                           {Acc#{Ref => {Pid, Now, Id}}, N};
                       undefined ->
@@ -290,6 +310,59 @@ sweep(#state{c2s = C2S} = State) ->
                   end
           end, {#{}, 0}, C2S),
     State#state{c2s = C2S1, swept = State#state.swept + Swept}.
+
+%% A c2s grows to 60-90 KiB while its client logs in, and an idle process
+%% never collects, so left to the sweep a login burst piles up a minute of
+%% logins' garbage: memory beam keeps mapped long after (BENCH.md). So
+%% every login_gc_interval each fresh c2s is looked at, and one that did
+%% work since its last collection but none since the last look (its
+%% client is done for now, between or after the login's round trips) is
+%% collected at once. After ?LOGIN_GC_LOOKS looks it is left to the sweep.
+schedule_login_gc(#state{fresh_timer = false, fresh = Fresh} = State) when map_size(Fresh) > 0 ->
+    case application:get_env(megaphone, login_gc_interval, 1000) of
+        Ms when is_integer(Ms), Ms > 0 ->
+            erlang:send_after(Ms, self(), login_gc),
+            State#state{fresh_timer = true};
+        _ ->
+            State#state{fresh = #{}}    % 0 or anything else: off
+    end;
+schedule_login_gc(State) ->
+    State.
+
+login_gc(#state{c2s = C2S, fresh = Fresh} = State) ->
+    {Fresh1, Collected} =
+        maps:fold(
+          fun(Ref, {Last, AtGC, Looks}, {Acc, N}) ->
+                  %% The sweep drops a dead c2s before its 'DOWN' arrives.
+                  Pid = case maps:find(Ref, C2S) of {ok, {P, _, _}} -> P; error -> gone end,
+                  case is_pid(Pid) andalso erlang:process_info(Pid, [reductions, message_queue_len]) of
+                      [{reductions, Now}, {message_queue_len, 0}] when ?IDLE(Last, Now), not ?IDLE(AtGC, Now) ->
+                          erlang:garbage_collect(Pid, [{async, {login_gc, Ref}}]),
+                          {keep_fresh(Ref, {Now, Now, Looks - 1}, Acc), N + 1};
+                      [{reductions, Now}, _] ->
+                          {keep_fresh(Ref, {Now, AtGC, Looks - 1}, Acc), N};
+                      _ ->    % ended
+                          {Acc, N}
+                  end
+          end, {#{}, 0}, Fresh),
+    State#state{fresh = Fresh1, login_collected = State#state.login_collected + Collected}.
+
+keep_fresh(_Ref, {_, _, 0}, Acc) -> Acc;
+keep_fresh(Ref, Entry, Acc) -> Acc#{Ref => Entry}.
+
+%% A collection counts as work in the collected process's reductions, so
+%% once it is done they are read again: only the client's work after it
+%% makes the c2s due for another.
+login_collected(Ref, #state{c2s = C2S, fresh = Fresh} = State) ->
+    case {maps:find(Ref, Fresh), maps:find(Ref, C2S)} of
+        {{ok, {_, _, Looks}}, {ok, {Pid, _, _}}} ->
+            case erlang:process_info(Pid, reductions) of
+                {reductions, Now} -> State#state{fresh = Fresh#{Ref => {Now, Now, Looks}}};
+                undefined -> State
+            end;
+        _ ->
+            State
+    end.
 
 start_c2s(ConnId, Socket) ->
     try
@@ -332,6 +405,7 @@ describe(#state{} = S) ->
       streams_opened => S#state.streams,
       streams => maps:size(S#state.c2s),
       gc_swept => S#state.swept,
+      gc_login => S#state.login_collected,
       cancelled => S#state.cancelled,
       ignored => S#state.ignored,
       failed => S#state.failed}.

@@ -6,6 +6,7 @@
 %%   modules:
 %%     mod_megaphone:
 %%       gc_sweep_interval: 60
+%%       login_gc_interval: 1000
 %%       send_busy_timeout: 1000
 %%       allowed_sidecars: ["megaphone*@localhost"]
 %%
@@ -47,12 +48,14 @@ depends(_Host, _Opts) ->
 
 -spec mod_opt_type(atom()) -> econf:validator().
 mod_opt_type(gc_sweep_interval) -> econf:non_neg_int();
+mod_opt_type(login_gc_interval) -> econf:non_neg_int();
 mod_opt_type(send_busy_timeout) -> econf:non_neg_int();
 mod_opt_type(allowed_sidecars) -> econf:list(econf:binary()).
 
 -spec mod_options(binary()) -> [{atom(), term()}].
 mod_options(_Host) ->
     [{gc_sweep_interval, 60},
+     {login_gc_interval, 1000},
      {send_busy_timeout, 1000},
      {allowed_sidecars, [<<"*">>]}].
 
@@ -72,6 +75,13 @@ mod_doc() ->
               desc => <<"Seconds between sweeps that ask idle c2s processes "
                         "of sidecar streams to garbage-collect; 0 turns "
                         "sweeping off. The default is 60.">>}},
+           {login_gc_interval,
+            #{value => "non_neg_integer()",
+              desc => <<"Milliseconds between looks at the c2s processes of "
+                        "new sidecar streams: one that has just gone idle "
+                        "(its client's login is done) is asked to "
+                        "garbage-collect at once, rather than at the next "
+                        "sweep; 0 turns it off. The default is 1000.">>}},
            {send_busy_timeout,
             #{value => "non_neg_integer()",
               desc => <<"Milliseconds a c2s write may wait while the "
@@ -92,6 +102,7 @@ apply_options(Opts) ->
     %% Loaded first: loading would reset what set_env wrote before it.
     _ = application:load(megaphone),
     application:set_env(megaphone, gc_sweep_interval, gen_mod:get_opt(gc_sweep_interval, Opts) * 1000),
+    application:set_env(megaphone, login_gc_interval, gen_mod:get_opt(login_gc_interval, Opts)),
     application:set_env(megaphone, send_busy_timeout, gen_mod:get_opt(send_busy_timeout, Opts)),
     application:set_env(megaphone, allowed_sidecars, gen_mod:get_opt(allowed_sidecars, Opts)),
     ok.

@@ -4,7 +4,7 @@
 -module(megaphone_tests).
 -include_lib("eunit/include/eunit.hrl").
 
--export([fake_bosh/2]).
+-export([fake_bosh/2, fake_c2s/1]).
 
 shim_test_() ->
     {foreach, fun setup/0, fun cleanup/1,
@@ -337,3 +337,96 @@ session_id_test() ->
     ?assertEqual(none, S(<<"garbage">>)),
     ?assertEqual(none, S(<<>>)),
     ?assertEqual(none, S(<<"<body sid>">>)).
+
+%% The login collection: a new c2s is collected as soon as it goes idle,
+%% again after later work, and not at all when login_gc_interval is 0.
+login_gc_test_() ->
+    {foreach, fun login_gc_setup/0, fun login_gc_cleanup/1,
+     [fun new_c2s_is_collected_once_idle/0,
+      fun login_gc_can_be_off/0]}.
+
+login_gc_setup() ->
+    setup(),
+    application:set_env(megaphone, login_gc_interval, 50),
+    load_source(["-module(ejabberd_c2s_config).", "-export([get_c2s_limits/0]).",
+                 "get_c2s_limits() -> []."]),
+    load_source(["-module(ejabberd_c2s).", "-export([start/3, accept/1]).",
+                 "start(_SockMod, _Socket, _Opts) -> megaphone_tests:fake_c2s(self()).",
+                 "accept(_Pid) -> ok."]).
+
+login_gc_cleanup(Arg) ->
+    application:unset_env(megaphone, login_gc_interval),
+    [begin code:purge(M), code:delete(M) end || M <- [ejabberd_c2s, ejabberd_c2s_config]],
+    cleanup(Arg).
+
+%% Compiles and loads a module from its source text, one form a string.
+load_source(Forms) ->
+    Parsed = [begin {ok, Toks, _} = erl_scan:string(F), {ok, Form} = erl_parse:parse_form(Toks), Form end
+              || F <- Forms],
+    {ok, Mod, Bin} = compile:forms(Parsed),
+    {module, Mod} = code:load_binary(Mod, atom_to_list(Mod) ++ ".erl", Bin),
+    ok.
+
+%% ejabberd_c2s stand-in: a process that makes a login's worth of garbage
+%% before start returns (so the test sees it), then more on {work, From}.
+fake_c2s(Starter) ->
+    Pid = spawn(fun() -> make_garbage(), Starter ! {logged_in, self()}, fake_c2s_loop() end),
+    receive {logged_in, Pid} -> {ok, Pid} after 2000 -> {error, timeout} end.
+
+fake_c2s_loop() ->
+    receive
+        {work, From} -> make_garbage(), From ! worked, fake_c2s_loop();
+        stop -> ok
+    end.
+
+make_garbage() ->
+    50000 = length(lists:seq(1, 50000)),
+    ok.
+
+open_fake_c2s(Session) ->
+    Session ! {c2s_open, 1, <<"tcp">>, {{127, 0, 0, 1}, 1}, {{127, 0, 0, 1}, 5222}},
+    receive {c2s_started, 1, C2S, _} -> C2S after 2000 -> error(no_c2s) end.
+
+heap_words(Pid) ->
+    {total_heap_size, W} = erlang:process_info(Pid, total_heap_size),
+    W.
+
+%% Polls every 20 ms, at most Tries times.
+wait_until(_Cond, 0) -> timeout;
+wait_until(Cond, Tries) ->
+    case Cond() of
+        true -> ok;
+        false -> timer:sleep(20), wait_until(Cond, Tries - 1)
+    end.
+
+new_c2s_is_collected_once_idle() ->
+    Session = hello(self()),
+    C2S = open_fake_c2s(Session),
+    ?assert(heap_words(C2S) > 50000),
+    ?assertEqual(ok, wait_until(fun() -> heap_words(C2S) < 5000 end, 100)),
+    %% Idle from then on: the collection's own reductions do not make it
+    %% due again (three more looks)...
+    timer:sleep(150),
+    ?assertMatch(#{gc_login := 1}, megaphone_sidecar:status(Session)),
+    %% ...but more work (the login's later round trips) is collected once
+    %% it stops, while the c2s is still fresh (10 looks).
+    C2S ! {work, self()},
+    receive worked -> ok after 2000 -> error(no_work) end,
+    ?assertEqual(ok, wait_until(fun() -> heap_words(C2S) < 5000 end, 100)),
+    %% After its last look a c2s is the sweep's.
+    timer:sleep(500),
+    C2S ! {work, self()},
+    receive worked -> ok after 2000 -> error(no_work) end,
+    timer:sleep(300),
+    ?assert(heap_words(C2S) > 50000),
+    ?assertMatch(#{gc_login := 2}, megaphone_sidecar:status(Session)),
+    C2S ! stop.
+
+login_gc_can_be_off() ->
+    application:set_env(megaphone, login_gc_interval, 0),
+    Session = hello(self()),
+    C2S = open_fake_c2s(Session),
+    timer:sleep(300),
+    ?assert(heap_words(C2S) > 50000),
+    ?assertMatch(#{gc_login := 0, streams := 1}, megaphone_sidecar:status(Session)),
+    C2S ! stop.
