@@ -38,6 +38,9 @@ type Config struct {
 	C2STLSAddr string   // XMPP with direct TLS ("": off)
 	TLSCert    string   // PEM files for client TLS
 	TLSKey     string
+	// ReusePort opens the client listeners with SO_REUSEPORT, so that
+	// several sidecars (each its own node name) serve the same ports.
+	ReusePort bool
 
 	Limits       sockets.Limits
 	TickInterval time.Duration // the distribution link's tick (0: node's default)

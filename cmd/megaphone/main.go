@@ -91,6 +91,7 @@ func run(ctx context.Context, o options, log *zap.Logger, level zap.AtomicLevel)
 		DistTLSCert: o.distTLSCert, DistTLSKey: o.distTLSKey, DistTLSCA: o.distTLSCA,
 		BOSHAddr: o.boshAddr, BOSHPaths: strings.Split(o.boshPaths, ","), WSPath: o.wsPath,
 		C2SAddr: o.c2sAddr, C2STLSAddr: o.c2sTLSAddr, TLSCert: o.tlsCert, TLSKey: o.tlsKey,
+		ReusePort:    o.reusePort,
 		Limits:       o.limits(),
 		TickInterval: o.tickInterval, HandshakeTimeout: o.handshake,
 		HTTPHeaderTimeout: o.httpHeaderTimeout, HTTPReadTimeout: o.httpReadTimeout,
