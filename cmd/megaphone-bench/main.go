@@ -56,7 +56,11 @@ type config struct {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == scaleWorkerCommand {
+		os.Exit(scaleWorkerMain(os.Args[2:]))
+	}
 	var c config
+	scale, scaleSettings := scaleFlags()
 	ns := flag.String("n", "1000,5000", "idle sessions per side, comma-separated (each at most about 19000: the open-files limit)")
 	kinds := flag.String("transports", "tcp,tls,ws,bosh", "transports to measure")
 	flag.IntVar(&c.workers, "workers", 50, "concurrent logins")
@@ -76,7 +80,10 @@ func main() {
 	c.dialer = loadgen.NewDialer(*sources)
 	c.idle = max(c.idle, minIdle)
 	var err error
-	if c.ns, err = parseInts(*ns); err == nil {
+	if err = scaleSettings(); err == nil && !scale.on {
+		c.ns, err = parseInts(*ns)
+	}
+	if err == nil {
 		c.kinds, err = parseKinds(*kinds)
 	}
 	if err == nil && (c.bin == "" || c.ebin == "") {
@@ -84,9 +91,12 @@ func main() {
 	}
 	if err == nil {
 		raiseOpenFiles()
-		if *tsung {
+		switch {
+		case scale.on:
+			err = runScale(context.Background(), c, scale)
+		case *tsung:
 			err = runTsung(context.Background(), c)
-		} else {
+		default:
 			err = run(context.Background(), c)
 		}
 	}
