@@ -104,6 +104,7 @@ type scaleRow struct {
 	kernel               int64 // both ends of every loopback socket
 	memAvail             int64
 	at                   time.Time
+	unreachable          string // why the node could not be asked (its figures are then unknown)
 }
 
 // scaleResult is one ramp.
@@ -231,8 +232,8 @@ func scaleRamp(ctx context.Context, c config, s *scaleConfig, megaphone bool, ta
 		}
 	}()
 
-	if r.base, err = scaleMeasure(ctx, nd, sidecars, workers); err != nil {
-		return r, err
+	if r.base, err = scaleMeasure(ctx, nd, sidecars, workers); err != nil || r.base.unreachable != "" {
+		return r, fmt.Errorf("baseline: %v %s", err, r.base.unreachable)
 	}
 	r.logoutLeft = -1
 	nextUser := 1
@@ -305,6 +306,9 @@ func scaleRamp(ctx context.Context, c config, s *scaleConfig, megaphone bool, ta
 		row.step, row.held, row.failed, row.retried = step, total, failed, retried
 		row.loginRate = float64(total-stepHeld) / took.Seconds()
 		r.rows = append(r.rows, row)
+		if row.unreachable != "" {
+			logf("step %d: the node did not answer: %s", step, row.unreachable)
+		}
 		logf("step %d measured: %d in ejabberd, beam RSS %s, sidecars %s, clients %s, kernel %s, MemAvailable %s",
 			step, row.sessions, gib(row.beamRSS), gib(row.sidecarRSS), gib(row.workerRSS), gib(row.kernel), gib(row.memAvail))
 		if r.stopped != "" {
@@ -318,7 +322,7 @@ func scaleRamp(ctx context.Context, c config, s *scaleConfig, megaphone bool, ta
 	if _, err := askAll(workers, repeat("close", len(workers)), 10*time.Minute); err != nil {
 		return r, err
 	}
-	for i := 0; i < 600; i++ {
+	for deadline := time.Now().Add(5 * time.Minute); time.Now().Before(deadline); {
 		if n, err := evalInt(ctx, nd.ej, "mnesia:table_info(session, size)"); err == nil {
 			r.logoutLeft = n
 			if n == 0 {
@@ -403,23 +407,28 @@ func evalInt(ctx context.Context, ej *harness.Ejabberd, expr string) (int, error
 // No forced GC: the sessions are measured as they sit (the shim's sweep
 // has collected them).
 func scaleMeasure(ctx context.Context, nd *node, sidecars []*sidecar, workers []*scaleWorkerProc) (scaleRow, error) {
-	row := scaleRow{at: time.Now(), sidecars: len(sidecars), fdMin: -1}
-	v, err := nd.ej.Eval(ctx, `{mnesia:table_info(session, size), erlang:memory(total), erlang:memory(processes),
-	    erlang:memory(ets), erlang:memory(binary), erlang:system_info(process_count)}`)
-	if err != nil {
-		return row, err
-	}
-	f := strings.FieldsFunc(v, func(r rune) bool { return r == '{' || r == '}' || r == ',' || r == ' ' || r == '\n' })
-	if len(f) != 6 {
-		return row, fmt.Errorf("unexpected %q", v)
-	}
-	ints := make([]int64, len(f))
-	for i := range f {
-		ints[i], _ = strconv.ParseInt(f[i], 10, 64)
-	}
-	row.sessions, row.erlTotal, row.erlProcs, row.erlETS, row.erlBinary, row.processes =
-		int(ints[0]), ints[1], ints[2], ints[3], ints[4], int(ints[5])
+	row := scaleRow{at: time.Now(), sidecars: len(sidecars), fdMin: -1, sessions: -1}
 	row.beamRSS = rss(nd.ej.Pid)
+	// A node out of descriptors cannot take the probe's connection: the
+	// rest is still measured, and the row says why the node's part is not.
+	ectx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	v, err := nd.ej.Eval(ectx, `{mnesia:table_info(session, size), erlang:memory(total), erlang:memory(processes),
+	    erlang:memory(ets), erlang:memory(binary), erlang:system_info(process_count)}`)
+	f := strings.FieldsFunc(v, func(r rune) bool { return r == '{' || r == '}' || r == ',' || r == ' ' || r == '\n' })
+	switch {
+	case err != nil:
+		row.unreachable = firstLine(err.Error())
+	case len(f) != 6:
+		row.unreachable = fmt.Sprintf("unexpected %q", v)
+	default:
+		ints := make([]int64, len(f))
+		for i := range f {
+			ints[i], _ = strconv.ParseInt(f[i], 10, 64)
+		}
+		row.sessions, row.erlTotal, row.erlProcs, row.erlETS, row.erlBinary, row.processes =
+			int(ints[0]), ints[1], ints[2], ints[3], ints[4], int(ints[5])
+	}
 	for _, sc := range sidecars {
 		row.sidecarRSS += rss(sc.pid())
 		fds := openFiles(sc.pid())
@@ -434,6 +443,11 @@ func scaleMeasure(ctx context.Context, nd *node, sidecars []*sidecar, workers []
 	row.kernel = kernelTCPBuffers() + kernelSocketSlabs()
 	row.memAvail = meminfo("MemAvailable")
 	return row, nil
+}
+
+func firstLine(s string) string {
+	line, _, _ := strings.Cut(s, "\n")
+	return line
 }
 
 func openFiles(pid int) int {

@@ -30,8 +30,12 @@ func renderScale(s *scaleConfig, results []scaleResult, failures []string, took 
 			if x.sidecars > 0 {
 				fds = fmt.Sprintf("%d-%d", x.fdMin, x.fdMax)
 			}
-			w("| %s | %d | %d | %d | %d | %.0f | %s | %s | %s | %s | %d | %s | %s | %s | %s | %s |\n", name, x.sessions, x.held, x.failed, x.retried, x.loginRate,
-				mib(x.beamRSS), mib(x.erlTotal), mib(x.erlProcs), mib(x.erlETS), x.processes, mib(x.sidecarRSS), fds, mib(x.workerRSS), mib(x.kernel), mib(x.memAvail))
+			sessions, erl, procs, ets, nprocs := fmt.Sprint(x.sessions), mib(x.erlTotal), mib(x.erlProcs), mib(x.erlETS), fmt.Sprint(x.processes)
+			if x.unreachable != "" {
+				sessions, erl, procs, ets, nprocs = "?", "?", "?", "?", "?"
+			}
+			w("| %s | %s | %d | %d | %d | %.0f | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", name, sessions, x.held, x.failed, x.retried, x.loginRate,
+				mib(x.beamRSS), erl, procs, ets, nprocs, mib(x.sidecarRSS), fds, mib(x.workerRSS), mib(x.kernel), mib(x.memAvail))
 		}
 		row("baseline", r.base)
 		for _, x := range r.rows {
@@ -40,13 +44,18 @@ func renderScale(s *scaleConfig, results []scaleResult, failures []string, took 
 		w("\nPer session over the baseline, KiB (kernel: the server's half of both ends):\n\n")
 		w("| sessions | beam RSS | Erlang mem | sidecar RSS | kernel | **server total** | load gen RSS |\n|---|---|---|---|---|---|---|\n")
 		for _, x := range r.rows {
-			if x.sessions == 0 {
+			if x.sessions <= 0 {
 				continue
 			}
 			per := func(v, base int64) float64 { return float64(v-base) / float64(x.sessions) / 1024 }
 			beam, side, kern := per(x.beamRSS, r.base.beamRSS), per(x.sidecarRSS, r.base.sidecarRSS), per(x.kernel, r.base.kernel)/2
 			w("| %d | %.1f | %.1f | %.1f | %.1f | **%.1f** | %.1f |\n", x.sessions, beam, per(x.erlTotal, r.base.erlTotal), side, kern,
 				beam+side+kern, per(x.workerRSS, r.base.workerRSS))
+		}
+		for _, x := range r.rows {
+			if x.unreachable != "" {
+				w("\nAt step %d the node did not answer (its figures are ?): %s\n", x.step, x.unreachable)
+			}
 		}
 		if r.stopped != "" {
 			w("\n**Stopped short of %d**: %s.\n", r.target, r.stopped)
