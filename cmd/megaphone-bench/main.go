@@ -25,7 +25,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 	"runtime"
 	"sort"
 	"strconv"
@@ -144,14 +143,11 @@ func raiseOpenFiles() {
 }
 
 func run(ctx context.Context, c config) error {
-	dir, err := os.MkdirTemp("", "megaphone-bench-")
+	cleanup, err := withCert(&c, "megaphone-bench-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	if c.cert, c.key, err = harness.SelfSignedCert(filepath.Join(dir, "tls")); err != nil {
-		return err
-	}
+	defer cleanup()
 	started := time.Now()
 	var idle []idleResult
 	var chats []chatResult
@@ -171,11 +167,8 @@ func run(ctx context.Context, c config) error {
 		}
 	}
 	report := renderReport(c, idle, chats, failures, time.Since(started))
-	fmt.Print(report)
-	if c.out != "" {
-		if err := os.WriteFile(c.out, []byte(report), 0o644); err != nil {
-			return err
-		}
+	if err := publish(c, report); err != nil {
+		return err
 	}
 	if c.plots != "" {
 		if err := plot(c.plots, idle, chats); err != nil {

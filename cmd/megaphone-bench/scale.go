@@ -122,14 +122,11 @@ type scaleResult struct {
 }
 
 func runScale(ctx context.Context, c config, s *scaleConfig) error {
-	dir, err := os.MkdirTemp("", "megaphone-bench-scale-")
+	cleanup, err := withCert(&c, "megaphone-bench-scale-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	if c.cert, c.key, err = harness.SelfSignedCert(filepath.Join(dir, "tls")); err != nil {
-		return err
-	}
+	defer cleanup()
 	started := time.Now()
 	var results []scaleResult
 	var failures []string
@@ -151,11 +148,8 @@ func runScale(ctx context.Context, c config, s *scaleConfig) error {
 		}
 	}
 	report := renderScale(s, results, failures, time.Since(started))
-	fmt.Print(report)
-	if c.out != "" {
-		if err := os.WriteFile(c.out, []byte(report), 0o644); err != nil {
-			return err
-		}
+	if err := publish(c, report); err != nil {
+		return err
 	}
 	if len(failures) > 0 {
 		return fmt.Errorf("%d ramp(s) failed", len(failures))
