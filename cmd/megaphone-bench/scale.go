@@ -104,7 +104,8 @@ type scaleRow struct {
 	kernel               int64 // both ends of every loopback socket
 	memAvail             int64
 	at                   time.Time
-	unreachable          string // why the node could not be asked (its figures are then unknown)
+	unreachable          string  // why the node could not be asked (its figures are then unknown)
+	schedBusy            float64 // share of the node's scheduler time busy while this step logged in
 }
 
 // scaleResult is one ramp.
@@ -233,8 +234,14 @@ func scaleRamp(ctx context.Context, c config, s *scaleConfig, megaphone bool, ta
 	nextUser := 1
 	held := make([]int, len(workers))
 	total := 0
+	// Scheduler wall time counts while a process on the node asks for
+	// it: one waits there until the node stops.
+	if _, err := nd.ej.Eval(ctx, `spawn(fun() -> erlang:system_flag(scheduler_wall_time, true), receive stop -> ok end end), ok`); err != nil {
+		return r, err
+	}
 	for _, step := range steps {
 		stepStart, stepHeld := time.Now(), total
+		busyFrom, _ := schedulerBusy(ctx, nd)
 		failed, retried := 0, 0
 		// Each worker's share of the step, so that all log in at once.
 		quota := min(s.perWorker, (step+len(workers)-1)/len(workers))
@@ -289,6 +296,7 @@ func scaleRamp(ctx context.Context, c config, s *scaleConfig, megaphone bool, ta
 			}
 		}
 		took := time.Since(stepStart)
+		busyTo, busyErr := schedulerBusy(ctx, nd)
 		logf("step %d: %d sessions held (%d failed, %d retried) in %s", step, total, failed, retried, took.Round(time.Second))
 		if r.stopped == "" {
 			time.Sleep(s.settle)
@@ -299,6 +307,9 @@ func scaleRamp(ctx context.Context, c config, s *scaleConfig, megaphone bool, ta
 		}
 		row.step, row.held, row.failed, row.retried = step, total, failed, retried
 		row.loginRate = float64(total-stepHeld) / took.Seconds()
+		if busyErr == nil && busyTo[1] > busyFrom[1] {
+			row.schedBusy = float64(busyTo[0]-busyFrom[0]) / float64(busyTo[1]-busyFrom[1])
+		}
 		r.rows = append(r.rows, row)
 		if row.unreachable != "" {
 			logf("step %d: the node did not answer: %s", step, row.unreachable)
@@ -351,6 +362,21 @@ func registerMany(ctx context.Context, ej *harness.Ejabberd, prefix, pw string, 
 		return fmt.Errorf("registering %d users: %s", n, v)
 	}
 	return nil
+}
+
+// schedulerBusy is the node's schedulers' summed {active, total} wall time
+// so far: the share of the difference between two readings is how busy
+// beam was in between.
+func schedulerBusy(ctx context.Context, nd *node) ([2]int64, error) {
+	var out [2]int64
+	v, err := nd.ej.Eval(ctx, `N = erlang:system_info(schedulers),
+	    lists:foldl(fun({I, A, T}, {SA, ST}) when I =< N -> {SA + A, ST + T}; (_, Acc) -> Acc end,
+	                {0, 0}, erlang:statistics(scheduler_wall_time))`)
+	if err != nil {
+		return out, err
+	}
+	_, err = fmt.Sscanf(strings.TrimSpace(v), "{%d,%d}", &out[0], &out[1])
+	return out, err
 }
 
 // guard says why the ramp must stop now, or "".

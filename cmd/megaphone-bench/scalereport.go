@@ -23,8 +23,8 @@ func renderScale(s *scaleConfig, results []scaleResult, failures []string, took 
 			w("ejabberd's own `ejabberd_c2s` listener, ")
 		}
 		w("%d load-generator processes; %d users registered in one rpc loop in %s.\n\n", r.workers, r.users, r.registerTook.Round(time.Second))
-		w("| step | in ejabberd | clients hold | failed | retried | logins/s | beam RSS | Erlang mem | of which processes | ETS | Erlang procs | sidecar RSS (sum) | sidecar fds min-max | load gen RSS | kernel sockets (both ends) | MemAvailable |\n")
-		w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+		w("| step | in ejabberd | clients hold | failed | retried | logins/s | beam schedulers busy | beam RSS | Erlang mem | of which processes | ETS | Erlang procs | sidecar RSS (sum) | sidecar fds min-max | load gen RSS | kernel sockets (both ends) | MemAvailable |\n")
+		w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 		row := func(name string, x scaleRow) {
 			fds := "-"
 			if x.sidecars > 0 {
@@ -34,7 +34,7 @@ func renderScale(s *scaleConfig, results []scaleResult, failures []string, took 
 			if x.unreachable != "" {
 				sessions, erl, procs, ets, nprocs = "?", "?", "?", "?", "?"
 			}
-			w("| %s | %s | %d | %d | %d | %.0f | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", name, sessions, x.held, x.failed, x.retried, x.loginRate,
+			w("| %s | %s | %d | %d | %d | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", name, sessions, x.held, x.failed, x.retried, x.loginRate, 100*x.schedBusy,
 				mib(x.beamRSS), erl, procs, ets, nprocs, mib(x.sidecarRSS), fds, mib(x.workerRSS), mib(x.kernel), mib(x.memAvail))
 		}
 		row("baseline", r.base)
