@@ -161,7 +161,9 @@ func (nd *node) sidecarArgs(listeners ...string) []string {
 func launchSidecar(ctx context.Context, c config, nd *node, args []string, t loadgen.Target) (*sidecar, error) {
 	cmd := exec.Command(c.bin, args...)
 	cmd.Stderr = os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// Its own process group: a Ctrl-C stops the run, which then stops the
+	// sidecar itself; the sidecar does not drain on its own first.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}

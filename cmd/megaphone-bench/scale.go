@@ -8,9 +8,11 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -26,8 +28,8 @@ import (
 // node's open-files limit, 20,000 here.
 //
 // The machine is guarded: the ramp stops when MemAvailable falls below a
-// floor, when more logins fail than a small share, or when a part dies,
-// and then everything logs out. Every loop is bounded by the step count
+// floor, when more logins fail than a small share, when a part dies, or on
+// SIGINT/SIGTERM, and then everything logs out and the report is written. Every loop is bounded by the step count
 // and every wait by a deadline.
 
 // scaleConfig is the scale run's settings.
@@ -41,6 +43,7 @@ type scaleConfig struct {
 	settle                time.Duration // idle after a step, before measuring
 	sweep                 time.Duration // the shim's idle-c2s sweep interval
 	on                    bool          // -scale or -scale-native was given: this is a scale run
+	interrupted           atomic.Value  // the signal that asked the ramp to stop, as a string
 }
 
 // scaleFlags defines the scale run's flags; finish completes the settings
@@ -128,10 +131,23 @@ func runScale(ctx context.Context, c config, s *scaleConfig) error {
 		return err
 	}
 	defer cleanup()
+	// SIGINT or SIGTERM stops the ramp at its next check, as the guards
+	// do: everything logs out and the report is still written.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() {
+		if sig, ok := <-sigs; ok {
+			s.interrupted.Store(sig.String())
+		}
+	}()
 	started := time.Now()
 	var results []scaleResult
 	var failures []string
 	for _, megaphone := range []bool{true, false} {
+		if s.interrupted.Load() != nil {
+			break
+		}
 		target, steps := s.target, s.steps
 		if !megaphone {
 			target, steps = s.nativeTarget, s.nativeSteps
@@ -146,6 +162,10 @@ func runScale(ctx context.Context, c config, s *scaleConfig) error {
 		}
 		if len(r.rows) > 0 {
 			results = append(results, r)
+		}
+		// The report so far, in case a later ramp is cut short.
+		if c.out != "" {
+			_ = os.WriteFile(c.out, []byte(renderScale(s, results, failures, time.Since(started))), 0o644)
 		}
 	}
 	report := renderScale(s, results, failures, time.Since(started))
@@ -381,6 +401,9 @@ func schedulerBusy(ctx context.Context, nd *node) ([2]int64, error) {
 
 // guard says why the ramp must stop now, or "".
 func guard(s *scaleConfig, nd *node, sidecars []*sidecar) string {
+	if sig, ok := s.interrupted.Load().(string); ok {
+		return "stopped by the operator (" + sig + ")"
+	}
 	if avail := meminfo("MemAvailable"); avail < s.memFloor {
 		return fmt.Sprintf("MemAvailable %s fell below the %s floor", gib(avail), gib(s.memFloor))
 	}
@@ -499,7 +522,9 @@ func startScaleWorkers(n int, addr string, inflight int) ([]*scaleWorkerProc, er
 		cmd := exec.Command(self, scaleWorkerCommand, "-addr", addr, "-source-first", strconv.Itoa(10+i*sourcesEach),
 			"-sources", strconv.Itoa(sourcesEach), "-inflight", strconv.Itoa(inflight))
 		cmd.Stderr = os.Stderr
-		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		// A process group of its own: a Ctrl-C reaches the parent only,
+		// which stops the ramp and logs the sessions out through us.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 		in, err := cmd.StdinPipe()
 		if err == nil {
 			var out io.ReadCloser
