@@ -102,7 +102,7 @@ func (s *Sidecar) listen(role, addr string, streams bool) (*sockets.Listener, er
 		lis = sockets.AdoptListener(inner, s.registry, s.log, streams)
 	} else {
 		var err error
-		lc := sockets.ListenConfig{ReusePort: s.cfg.ReusePort}
+		lc := sockets.ListenConfig{ReusePort: s.cfg.ReusePort, KeepAlive: s.cfg.TCPKeepAlive}
 		if streams {
 			lis, err = lc.ListenStreams(addr, s.registry, s.log)
 		} else {

@@ -112,3 +112,37 @@ func TestListenerRetriesAcceptWhenOutOfDescriptors(t *testing.T) {
 		t.Errorf("accept on a closed listener: %v, want net.ErrClosed", err)
 	}
 }
+
+// KeepAlive sets the accepted connections' TCP keep-alive: on by default,
+// off when negative.
+func TestListenKeepAlive(t *testing.T) {
+	for _, tc := range []struct {
+		keepAlive time.Duration
+		want      int
+	}{{0, 1}, {-1, 0}, {time.Minute, 1}} {
+		lis, err := ListenConfig{KeepAlive: tc.keepAlive}.ListenStreams("127.0.0.1:0", NewRegistry(Limits{}), zap.NewNop())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := net.DialTimeout("tcp", lis.Addr().String(), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := lis.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, err := got.(*Conn).Conn.(*net.TCPConn).SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		on := -1
+		_ = raw.Control(func(fd uintptr) { on, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_KEEPALIVE) })
+		if on != tc.want {
+			t.Errorf("KeepAlive %v: SO_KEEPALIVE %d, want %d", tc.keepAlive, on, tc.want)
+		}
+		got.Close()
+		c.Close()
+		lis.Close()
+	}
+}

@@ -42,6 +42,7 @@ type scaleConfig struct {
 	maxFailShare          float64
 	settle                time.Duration // idle after a step, before measuring
 	sweep                 time.Duration // the shim's idle-c2s sweep interval
+	keepAlive             time.Duration // the sidecars' --tcp-keepalive
 	on                    bool          // -scale or -scale-native was given: this is a scale run
 	interrupted           atomic.Value  // the signal that asked the ramp to stop, as a string
 }
@@ -60,6 +61,7 @@ func scaleFlags() (s *scaleConfig, finish func() error) {
 	floor := flag.Float64("scale-mem-floor", 3, "scale run: stop ramping when MemAvailable falls below this many GiB")
 	flag.Float64Var(&s.maxFailShare, "scale-max-fail", 0.005, "scale run: stop ramping when more than this share of a step's logins fail (and at least 10)")
 	flag.DurationVar(&s.settle, "scale-settle", 25*time.Second, "scale run: idle after each step before measuring (at least two sweeps)")
+	flag.DurationVar(&s.keepAlive, "scale-tcp-keepalive", 5*time.Minute, "scale run: the sidecars' --tcp-keepalive (at 15 s, 250,000 connections' probes overflowed loopback's packet backlog)")
 	flag.DurationVar(&s.sweep, "scale-sweep", 10*time.Second, "scale run: the shim's idle-c2s sweep interval")
 	finish = func() error {
 		flag.Visit(func(f *flag.Flag) { s.on = s.on || f.Name == "scale" || f.Name == "scale-native" })
@@ -226,7 +228,8 @@ func scaleRamp(ctx context.Context, c config, s *scaleConfig, megaphone bool, ta
 			// --max-conns below the open-files limit: a sidecar the hash
 			// overfills refuses the connection (the client retries and
 			// lands elsewhere) instead of running out of descriptors.
-			args := nd.sidecarArgs("--c2s-addr", addr, "--bosh-addr", "", "--reuseport", "--max-conns", "19500")
+			args := nd.sidecarArgs("--c2s-addr", addr, "--bosh-addr", "", "--reuseport", "--max-conns", "19500",
+				"--tcp-keepalive", s.keepAlive.String())
 			sc, err := launchSidecar(ctx, c, nd, args, t)
 			if err != nil {
 				return r, fmt.Errorf("sidecar %d of %d: %w", i+1, r.sidecars, err)

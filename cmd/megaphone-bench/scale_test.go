@@ -31,7 +31,7 @@ func TestScaleSmoke(t *testing.T) {
 	dir := t.TempDir()
 	c := config{bin: bin, ebin: ebin, out: filepath.Join(dir, "scale.md")}
 	s := &scaleConfig{target: 200, steps: []int{100, 200}, perSidecar: 100, perWorker: 100, chunk: 50, memFloor: 1 << 30, maxFailShare: 0.005,
-		settle: time.Second, sweep: time.Second}
+		settle: time.Second, sweep: time.Second, keepAlive: time.Minute}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	if err := runScale(ctx, c, s); err != nil {

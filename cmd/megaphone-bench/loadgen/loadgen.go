@@ -94,7 +94,10 @@ func NewDialerFrom(first, n int) *Dialer {
 // DialContext dials addr over TCP from the next source address.
 func (d *Dialer) DialContext(ctx context.Context, _, addr string) (net.Conn, error) {
 	ip := d.sources[d.next.Add(1)%uint64(len(d.sources))]
-	nd := net.Dialer{Timeout: stepTimeout, LocalAddr: &net.TCPAddr{IP: ip}}
+	// No TCP keep-alive: the server's end probes already, and with both
+	// ends of every connection on this box the probes of hundreds of
+	// thousands of sockets flood loopback (BENCH.md, the scale run).
+	nd := net.Dialer{Timeout: stepTimeout, LocalAddr: &net.TCPAddr{IP: ip}, KeepAlive: -1}
 	return nd.DialContext(ctx, "tcp", addr)
 }
 
