@@ -106,8 +106,8 @@ bench-tsung: deps build
 # sessions ramp to SCALE_N in steps (20k, 50k, 100k, 150k, 200k, 250k), then
 # ejabberd's own listener ramps until it fails (its open-files limit). It
 # stops early and logs everything out when MemAvailable falls below 3 GiB
-# or logins fail. The report goes to bench-scale.out.md. About 30 minutes at
-# 250,000 on this 2-core machine; it needs most of the box's 24 GiB.
+# or logins fail, or on Ctrl-C. The report goes to bench-scale.out.md. About
+# 30 minutes at 250,000 on a quiet 2-core machine; it needs ~15 GiB.
 SCALE_N     ?= 250000
 SCALE_FLAGS ?=
 bench-scale: deps build

@@ -195,14 +195,7 @@ func (sc *sidecar) pid() int { return sc.cmd.Process.Pid }
 // stop ends the sidecar this run started (by its own PID).
 func (sc *sidecar) stop() {
 	_ = sc.cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = sc.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(15 * time.Second):
-		_ = sc.cmd.Process.Kill()
-		<-done
-	}
+	waitOrKill(sc.cmd, 15*time.Second)
 }
 
 func waitDial(addr string) error {

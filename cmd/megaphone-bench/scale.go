@@ -590,12 +590,18 @@ func askAll(ws []*scaleWorkerProc, cmds []string, limit time.Duration) ([]string
 // out and it exits; a worker that hangs is killed by its own PID.
 func (w *scaleWorkerProc) stop() {
 	_ = w.in.Close()
+	waitOrKill(w.cmd, 2*time.Minute)
+}
+
+// waitOrKill waits up to limit for a child this run started to exit, then
+// kills it by its own PID.
+func waitOrKill(cmd *exec.Cmd, limit time.Duration) {
 	done := make(chan struct{})
-	go func() { _ = w.cmd.Wait(); close(done) }()
+	go func() { _ = cmd.Wait(); close(done) }()
 	select {
 	case <-done:
-	case <-time.After(2 * time.Minute):
-		_ = w.cmd.Process.Kill()
+	case <-time.After(limit):
+		_ = cmd.Process.Kill()
 		<-done
 	}
 }
