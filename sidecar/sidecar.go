@@ -38,6 +38,12 @@ type Config struct {
 	C2STLSAddr string   // XMPP with direct TLS ("": off)
 	TLSCert    string   // PEM files for client TLS
 	TLSKey     string
+	// ReusePort opens the client listeners with SO_REUSEPORT, so that
+	// several sidecars (each its own node name) serve the same ports.
+	ReusePort bool
+	// TCPKeepAlive is the client connections' TCP keep-alive period (0:
+	// Go's 15 s; negative: off).
+	TCPKeepAlive time.Duration
 
 	Limits       sockets.Limits
 	TickInterval time.Duration // the distribution link's tick (0: node's default)

@@ -106,10 +106,11 @@ func (s *Sidecar) listen(role, addr string, streams bool) (*sockets.Listener, er
 		lis = sockets.AdoptListener(inner, s.registry, s.log, streams)
 	} else {
 		var err error
+		lc := sockets.ListenConfig{ReusePort: s.cfg.ReusePort, KeepAlive: s.cfg.TCPKeepAlive}
 		if streams {
-			lis, err = sockets.ListenStreams(addr, s.registry, s.log)
+			lis, err = lc.ListenStreams(addr, s.registry, s.log)
 		} else {
-			lis, err = sockets.Listen(addr, s.registry, s.log)
+			lis, err = lc.Listen(addr, s.registry, s.log)
 		}
 		if err != nil {
 			return nil, err

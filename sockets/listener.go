@@ -40,20 +40,26 @@ func ListenStreams(addr string, registry *Registry, log *zap.Logger) (*Listener,
 }
 
 func listen(addr string, registry *Registry, log *zap.Logger, streams bool) (*Listener, error) {
-	inner, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, err
-	}
-	return &Listener{Listener: inner, registry: registry, log: log, streams: streams}, nil
+	return ListenConfig{}.listen(addr, registry, log, streams)
 }
 
 // Accept waits for the next connection that fits the limits.
 func (l *Listener) Accept() (net.Conn, error) {
+	backoff := time.Duration(0)
 	for {
 		raw, err := l.Listener.Accept()
+		if err != nil && retryableAccept(err) {
+			backoff = min(max(2*backoff, acceptBackoffMin), acceptBackoffMax)
+			if backoff == acceptBackoffMax || backoff == acceptBackoffMin {
+				l.log.Warn("accept failed; retrying", zap.Error(err), zap.Duration("backoff", backoff))
+			}
+			time.Sleep(backoff)
+			continue
+		}
 		if err != nil {
 			return nil, err
 		}
+		backoff = 0
 		c, reason := l.registry.admit(raw, l.streams)
 		if c == nil {
 			l.log.Debug("connection refused", zap.Stringer("peer", raw.RemoteAddr()), zap.String("reason", reason))

@@ -25,7 +25,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 	"runtime"
 	"sort"
 	"strconv"
@@ -59,7 +58,11 @@ type config struct {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == scaleWorkerCommand {
+		os.Exit(scaleWorkerMain(os.Args[2:]))
+	}
 	var c config
+	scale, scaleSettings := scaleFlags()
 	ns := flag.String("n", "1000,5000", "idle sessions per side, comma-separated (each at most about 19000: the open-files limit)")
 	kinds := flag.String("transports", "tcp,tls,ws,bosh", "transports to measure")
 	flag.IntVar(&c.workers, "workers", 50, "concurrent logins")
@@ -82,7 +85,10 @@ func main() {
 	c.dialer = loadgen.NewDialer(*sources)
 	c.idle = max(c.idle, minIdle(c.sweep))
 	var err error
-	if c.ns, err = parseInts(*ns); err == nil {
+	if err = scaleSettings(); err == nil && !scale.on {
+		c.ns, err = parseInts(*ns)
+	}
+	if err == nil {
 		c.kinds, err = parseKinds(*kinds)
 	}
 	if err == nil {
@@ -93,9 +99,12 @@ func main() {
 	}
 	if err == nil {
 		raiseOpenFiles()
-		if *tsung {
+		switch {
+		case scale.on:
+			err = runScale(context.Background(), c, scale)
+		case *tsung:
 			err = runTsung(context.Background(), c)
-		} else {
+		default:
 			err = run(context.Background(), c)
 		}
 	}
@@ -162,14 +171,11 @@ func raiseOpenFiles() {
 }
 
 func run(ctx context.Context, c config) error {
-	dir, err := os.MkdirTemp("", "megaphone-bench-")
+	cleanup, err := withCert(&c, "megaphone-bench-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	if c.cert, c.key, err = harness.SelfSignedCert(filepath.Join(dir, "tls")); err != nil {
-		return err
-	}
+	defer cleanup()
 	started := time.Now()
 	var idle []idleResult
 	var chats []chatResult
@@ -189,11 +195,8 @@ func run(ctx context.Context, c config) error {
 		}
 	}
 	report := renderReport(c, idle, chats, failures, time.Since(started))
-	fmt.Print(report)
-	if c.out != "" {
-		if err := os.WriteFile(c.out, []byte(report), 0o644); err != nil {
-			return err
-		}
+	if err := publish(c, report); err != nil {
+		return err
 	}
 	if c.plots != "" {
 		if err := plot(c.plots, idle, chats); err != nil {

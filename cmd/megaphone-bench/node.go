@@ -166,7 +166,9 @@ func (nd *node) sidecarArgs(listeners ...string) []string {
 func launchSidecar(ctx context.Context, c config, nd *node, args []string, t loadgen.Target) (*sidecar, error) {
 	cmd := exec.Command(c.bin, args...)
 	cmd.Stderr = os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// Its own process group: a Ctrl-C stops the run, which then stops the
+	// sidecar itself; the sidecar does not drain on its own first.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
@@ -198,14 +200,7 @@ func (sc *sidecar) pid() int { return sc.cmd.Process.Pid }
 // stop ends the sidecar this run started (by its own PID).
 func (sc *sidecar) stop() {
 	_ = sc.cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = sc.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(15 * time.Second):
-		_ = sc.cmd.Process.Kill()
-		<-done
-	}
+	waitOrKill(sc.cmd, 15*time.Second)
 }
 
 func waitDial(addr string) error {

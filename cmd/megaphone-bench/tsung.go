@@ -42,14 +42,11 @@ func runTsung(ctx context.Context, c config) error {
 		return fmt.Errorf("no Tsung scenarios in %s", c.tsungDir)
 	}
 	sort.Strings(scenarios)
-	dir, err := os.MkdirTemp("", "megaphone-tsung-")
+	cleanup, err := withCert(&c, "megaphone-tsung-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	if c.cert, c.key, err = harness.SelfSignedCert(filepath.Join(dir, "tls")); err != nil {
-		return err
-	}
+	defer cleanup()
 	// Tsung's logs outlive the run, for a look at what it saw.
 	logs, err := os.MkdirTemp("", "megaphone-tsung-logs-")
 	if err != nil {
@@ -79,11 +76,7 @@ sidecar RSS + kernel.
 
 Machine: %s. Other work may have been running on the machine at the same time.
 `, time.Now().UTC().Format("2006-01-02 15:04 MST"), c.tsungDir, strings.Join(rows, "\n"), machine())
-	fmt.Print(report)
-	if c.out != "" {
-		return os.WriteFile(c.out, []byte(report), 0o644)
-	}
-	return nil
+	return publish(c, report)
 }
 
 // tsungScenario runs one scenario against a fresh node and sidecar (as

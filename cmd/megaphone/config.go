@@ -41,6 +41,8 @@ type options struct {
 	boshAddr                                            string
 	c2sAddr                                             string
 	c2sTLSAddr                                          string
+	reusePort                                           bool
+	tcpKeepAlive                                        time.Duration
 	tlsCert                                             string
 	wsPath                                              string
 	handshake                                           time.Duration
@@ -92,6 +94,8 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.boshAddr, "bosh-addr", "127.0.0.1:5280", "BOSH HTTP listen address (empty: off)")
 	fs.StringVar(&o.c2sAddr, "c2s-addr", "", "XMPP client listen address, e.g. 127.0.0.1:5222 (empty: off); STARTTLS is required when --tls-cert is set")
 	fs.StringVar(&o.c2sTLSAddr, "c2s-tls-addr", "", "XMPP direct-TLS (XEP-0368) listen address, e.g. 127.0.0.1:5223 (empty: off; needs --tls-cert)")
+	fs.BoolVar(&o.reusePort, "reuseport", false, "open the client listeners (BOSH/WebSocket, XMPP, direct TLS) with SO_REUSEPORT, so that several sidecars on one host serve the same ports, the kernel spreading new connections over them; give each its own node name (the default one is), --admin-addr and --handoff-socket")
+	fs.DurationVar(&o.tcpKeepAlive, "tcp-keepalive", 15*time.Second, "TCP keep-alive period of client connections (0 or negative: off). Each idle connection sends a probe each period: with hundreds of thousands of connections on one host, a longer period (e.g. 5m) saves packets and CPU; XMPP's own pings find dead clients too")
 	fs.DurationVar(&o.tickInterval, "tick-interval", 15*time.Second, "how often an idle distribution link ticks; the link is declared dead after 4 ticks (plus 5 s) of silence from ejabberd. Set it to ejabberd's net_ticktime/4 (the default suits net_ticktime 60)")
 	fs.DurationVar(&o.httpHeaderTimeout, "http-header-timeout", 10*time.Second, "how long an HTTP request's headers may take to arrive (slow clients are cut)")
 	fs.DurationVar(&o.httpReadTimeout, "http-read-timeout", 30*time.Second, "how long a whole HTTP request may take to arrive (a slow body gets 400)")

@@ -80,6 +80,13 @@ shutdown-grace: 45s
 	if o.c2sAddr != "" {
 		t.Errorf("empty MEGAPHONE_C2S_ADDR: c2s-addr %q", o.c2sAddr)
 	}
+	// A switch is set by its name alone in flags, true/false elsewhere.
+	if o = load(t, []string{"--node", "a@h"}, env{"MEGAPHONE_REUSEPORT": "true"}); !o.reusePort {
+		t.Errorf("MEGAPHONE_REUSEPORT=true: reuseport off")
+	}
+	if o = load(t, []string{"--config", writeConfig(t, "node: [a@h]\nreuseport: true\n"), "--reuseport=false"}, nil); o.reusePort {
+		t.Errorf("--reuseport=false over the file: reuseport on")
+	}
 	// Variables that are no setting (the tests' MEGAPHONE_BIN) are not ours to judge.
 	load(t, []string{"--node", "a@h"}, env{"MEGAPHONE_BIN": "/x"})
 }

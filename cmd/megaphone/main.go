@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/megaphone-im/megaphone/node"
 	"github.com/megaphone-im/megaphone/sidecar"
@@ -91,6 +92,7 @@ func run(ctx context.Context, o options, log *zap.Logger, level zap.AtomicLevel)
 		DistTLSCert: o.distTLSCert, DistTLSKey: o.distTLSKey, DistTLSCA: o.distTLSCA,
 		BOSHAddr: o.boshAddr, BOSHPaths: strings.Split(o.boshPaths, ","), WSPath: o.wsPath,
 		C2SAddr: o.c2sAddr, C2STLSAddr: o.c2sTLSAddr, TLSCert: o.tlsCert, TLSKey: o.tlsKey,
+		ReusePort: o.reusePort, TCPKeepAlive: keepAlive(o.tcpKeepAlive),
 		Limits:       o.limits(),
 		TickInterval: o.tickInterval, HandshakeTimeout: o.handshake,
 		HTTPHeaderTimeout: o.httpHeaderTimeout, HTTPReadTimeout: o.httpReadTimeout,
@@ -108,4 +110,13 @@ func run(ctx context.Context, o options, log *zap.Logger, level zap.AtomicLevel)
 	go reloadOnHUP(ctx, o, sc, level, log)
 	go upgradeOnUSR2(ctx, o, sc, log)
 	return sc.Run(ctx)
+}
+
+// keepAlive turns --tcp-keepalive into net.ListenConfig's terms, where 0
+// means Go's default and negative means off.
+func keepAlive(d time.Duration) time.Duration {
+	if d <= 0 {
+		return -1
+	}
+	return d
 }

@@ -83,6 +83,14 @@ type Options struct {
 	// /etc/default/ejabberd so that mod_megaphone can start with ejabberd.
 	// Paths as the node sees them.
 	CodePaths []string
+	// MaxProcesses is the node's process limit (erl +P); 0: 250,000.
+	// Every session costs at least one process (its c2s), so a run of
+	// more sessions than that needs it raised.
+	MaxProcesses int
+	// MaxPorts is the node's port limit (ERL_MAX_PORTS: every socket the
+	// node itself holds is a port); 0: 32,000. The open-files limit
+	// caps the node's sockets below it on this machine anyway.
+	MaxPorts int
 	// DistTLS runs the node's distribution over TLS (-proto_dist inet_tls
 	// with a test CA; both ends must present a certificate it signed), and
 	// the harness's own probes and shells with it. The files are in
@@ -338,12 +346,12 @@ func (e *Ejabberd) startOnce(ctx context.Context, opts Options) error {
 		"EJABBERD_CONFIG_PATH="+np(e.ConfigFile),
 		"EJABBERD_LOG_PATH="+np(e.LogFile),
 		"ERL_CRASH_DUMP="+np(filepath.Join(e.Dir, "erl_crash.dump")),
-		"ERL_MAX_PORTS=32000",
+		"ERL_MAX_PORTS="+strconv.Itoa(orInt(opts.MaxPorts, 32000)),
 		"ERL_MAX_ETS_TABLES=1400",
 	)
 	args := []string{
 		"-sname", e.Node,
-		"+K", "true", "+P", "250000",
+		"+K", "true", "+P", strconv.Itoa(orInt(opts.MaxProcesses, 250000)),
 	}
 	args = append(args, e.distArgs()...)
 	for _, p := range opts.CodePaths {
@@ -586,6 +594,13 @@ func (e *Ejabberd) Kill() error {
 	case <-time.After(10 * time.Second):
 		return fmt.Errorf("harness: node %s (pid %d) still not reaped 10s after SIGKILL", e.Node, e.Pid)
 	}
+}
+
+func orInt(v, def int) int {
+	if v > 0 {
+		return v
+	}
+	return def
 }
 
 // safeWriter shields the node's output copier from a writer that fails or

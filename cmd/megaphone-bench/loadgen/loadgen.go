@@ -34,6 +34,10 @@ type Target struct {
 	Addr   string // host:port
 	Path   string // URL path for WebSocket and BOSH
 	Domain string // XMPP domain, e.g. localhost
+	// Timeout bounds a stream login from the stream header to the
+	// presence (0: five steps' worth). A short one finds a server that
+	// stopped answering (connections left in its backlog) sooner.
+	Timeout time.Duration
 }
 
 // Session is one logged-in client.
@@ -75,10 +79,25 @@ func NewDialer(sources int) *Dialer {
 	return d
 }
 
+// NewDialerFrom spreads connections over n loopback addresses from
+// 127.0.0.first on: load generators running side by side each take their
+// own, and with them their own ephemeral ports.
+func NewDialerFrom(first, n int) *Dialer {
+	n = max(1, min(n, 255-first))
+	d := &Dialer{}
+	for i := 0; i < n; i++ {
+		d.sources = append(d.sources, net.IPv4(127, 0, 0, byte(first+i)))
+	}
+	return d
+}
+
 // DialContext dials addr over TCP from the next source address.
 func (d *Dialer) DialContext(ctx context.Context, _, addr string) (net.Conn, error) {
 	ip := d.sources[d.next.Add(1)%uint64(len(d.sources))]
-	nd := net.Dialer{Timeout: stepTimeout, LocalAddr: &net.TCPAddr{IP: ip}}
+	// No TCP keep-alive: the server's end probes already, and with both
+	// ends of every connection on this box the probes of hundreds of
+	// thousands of sockets flood loopback (BENCH.md, the scale run).
+	nd := net.Dialer{Timeout: stepTimeout, LocalAddr: &net.TCPAddr{IP: ip}, KeepAlive: -1}
 	return nd.DialContext(ctx, "tcp", addr)
 }
 
@@ -99,13 +118,13 @@ func Login(ctx context.Context, d *Dialer, t Target, user, password string) (Ses
 			}
 			c = tc
 		}
-		return loginStream(&rawFramer{conn: c, buf: make([]byte, 4096)}, t.Domain, user, password)
+		return loginStream(&rawFramer{conn: c}, t, user, password)
 	case WebSocket:
 		f, err := dialWebSocket(ctx, d, t)
 		if err != nil {
 			return nil, err
 		}
-		return loginStream(f, t.Domain, user, password)
+		return loginStream(f, t, user, password)
 	case BOSH:
 		return loginBOSH(ctx, d, t, user, password)
 	}

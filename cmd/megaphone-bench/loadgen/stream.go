@@ -24,7 +24,7 @@ type framer interface {
 
 type rawFramer struct {
 	conn net.Conn
-	buf  []byte
+	buf  []byte // allocated while reading: an idle session holds none
 }
 
 func (f *rawFramer) write(text string) error {
@@ -33,6 +33,9 @@ func (f *rawFramer) write(text string) error {
 }
 
 func (f *rawFramer) read() (string, error) {
+	if f.buf == nil {
+		f.buf = make([]byte, 4096)
+	}
 	n, err := f.conn.Read(f.buf)
 	return string(f.buf[:n]), err
 }
@@ -87,8 +90,13 @@ func (f *wsFramer) header(domain string) string {
 // stream is a logged-in XMPP stream session (TCP, TLS or WebSocket).
 type stream struct{ f framer }
 
-func loginStream(f framer, domain, user, password string) (Session, error) {
-	f.setDeadline(time.Now().Add(5 * stepTimeout))
+func loginStream(f framer, t Target, user, password string) (Session, error) {
+	domain := t.Domain
+	timeout := t.Timeout
+	if timeout <= 0 {
+		timeout = 5 * stepTimeout
+	}
+	f.setDeadline(time.Now().Add(timeout))
 	steps := []struct{ send, until string }{
 		{f.header(domain), "features>"},
 		{saslPlain(user, password), "<success"},
@@ -112,6 +120,9 @@ func loginStream(f framer, domain, user, password string) (Session, error) {
 		}
 	}
 	f.setDeadline(time.Time{})
+	if r, ok := f.(*rawFramer); ok {
+		r.buf = nil // an idle session keeps only its socket; Receive allocates again
+	}
 	return &stream{f: f}, nil
 }
 
