@@ -99,7 +99,9 @@ type c2sConn struct {
 	conn net.Conn // the client socket (TLS-wrapped once negotiated)
 	raw  *Conn
 	cfg  C2SConfig
-	log  *zap.Logger
+	// log is the listener's logger, shared: a child logger per connection
+	// (Logger.With) costs ~1.4 KiB each, so call sites add connField.
+	log *zap.Logger
 
 	out *outbox
 
@@ -112,11 +114,11 @@ type c2sConn struct {
 }
 
 func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS bool) {
-	c := &c2sConn{conn: raw, raw: raw, cfg: cfg, log: cfg.Logger.With(zap.Uint64("conn", raw.ID))}
+	c := &c2sConn{conn: raw, raw: raw, cfg: cfg, log: cfg.Logger}
 	raw.SetTransport("tcp")
 	raw.OnEnd(c.streamErrorCondition)
 	c.out = newOutbox(cfg.MaxPendingWrite, func() {
-		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", cfg.MaxPendingWrite))
+		c.log.Info("client reads too slowly; disconnecting", c.connField(), zap.Int("limit", cfg.MaxPendingWrite))
 		_ = raw.Close()
 	})
 	defer raw.Close()
@@ -130,7 +132,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 		tc := tls.Server(raw, cfg.TLS)
 		if err := tc.Handshake(); err != nil {
 			raw.registry.countHandshakeFailure("tls")
-			c.log.Debug("TLS handshake failed", zap.Error(err))
+			c.log.Debug("TLS handshake failed", c.connField(), zap.Error(err))
 			return
 		}
 		c.setConn(tc)
@@ -139,7 +141,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	case cfg.TLS != nil:
 		tc, err := c.startTLS()
 		if err != nil {
-			c.log.Debug("STARTTLS failed", zap.Error(err))
+			c.log.Debug("STARTTLS failed", c.connField(), zap.Error(err))
 			return
 		}
 		c.setConn(tc)
@@ -158,7 +160,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	stream, err := backend.OpenStream(ctx, etf.C2SOpen{ConnID: raw.ID, Transport: transport, Peer: raw.Peer, Local: local}, c)
 	cancel()
 	if err != nil {
-		c.log.Info("ejabberd did not take the stream", zap.Error(err))
+		c.log.Info("ejabberd did not take the stream", c.connField(), zap.Error(err))
 		c.streamErrorCondition("remote-connection-failed")
 		return
 	}
@@ -263,7 +265,7 @@ func (c *c2sConn) startTLS() (*tls.Conn, error) {
 func (c *c2sConn) Write(ev etf.Term) {
 	b, err := xmlstream.AppendEvent(nil, ev)
 	if err != nil {
-		c.log.Warn("unwritable event from ejabberd; closing", zap.Error(err))
+		c.log.Warn("unwritable event from ejabberd; closing", c.connField(), zap.Error(err))
 		c.Close("bad event")
 		return
 	}
@@ -321,6 +323,9 @@ func (c *c2sConn) writeNow(b []byte) error {
 	return err
 }
 
+// connField names the connection in a log line.
+func (c *c2sConn) connField() zap.Field { return zap.Uint64("conn", c.raw.ID) }
+
 func (c *c2sConn) setConn(conn net.Conn) {
 	c.mu.Lock()
 	c.conn = conn
@@ -348,7 +353,7 @@ func (c *c2sConn) closeConn() {
 // network errors just end the connection.
 func (c *c2sConn) streamError(err error) {
 	if cond := conditionOf(err); cond != "" {
-		c.log.Info("bad client stream", zap.Error(err))
+		c.log.Info("bad client stream", c.connField(), zap.Error(err))
 		c.streamErrorCondition(cond)
 	}
 }

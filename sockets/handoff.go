@@ -189,7 +189,7 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 		cfg.Logger = zap.NewNop()
 	}
 	conn := registry.adopt(raw, st)
-	c := &c2sConn{conn: conn, raw: conn, cfg: cfg, log: cfg.Logger.With(zap.Uint64("conn", conn.ID)), headerSent: st.HeaderSent}
+	c := &c2sConn{conn: conn, raw: conn, cfg: cfg, log: cfg.Logger, headerSent: st.HeaderSent}
 	stream, ok := adopter.AdoptStream(st.ConnID, c)
 	if !ok {
 		_ = conn.Close()
@@ -198,7 +198,7 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 	conn.OnEnd(c.streamErrorCondition)
 	c.shaper.setRate(st.ShaperRate)
 	c.out = newOutbox(cfg.MaxPendingWrite, func() {
-		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", cfg.MaxPendingWrite))
+		c.log.Info("client reads too slowly; disconnecting", c.connField(), zap.Int("limit", cfg.MaxPendingWrite))
 		_ = conn.Close()
 	})
 	for _, b := range st.Unwritten {

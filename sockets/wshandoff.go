@@ -256,7 +256,7 @@ func (c *wsConn) parkWebSocket(maxStanza int64) bool {
 			return true
 		}
 	}
-	c.log.Info("WebSocket stream cannot read on after a failed takeover; closing", zap.Error(err))
+	c.log.Info("WebSocket stream cannot read on after a failed takeover; closing", c.connField(), zap.Error(err))
 	_ = c.conn.Close()
 	return false
 }
@@ -266,7 +266,7 @@ func (c *wsConn) parkWebSocket(maxStanza int64) bool {
 func AdoptWebSocket(registry *Registry, cfg WebSocketConfig, adopter StreamAdopter, st StreamState, raw net.Conn) error {
 	cfg = cfg.withDefaults()
 	conn := registry.adopt(raw, st)
-	c := &wsConn{conn: conn, cfg: cfg, log: cfg.Logger.With(zap.Uint64("conn", conn.ID))}
+	c := &wsConn{conn: conn, cfg: cfg, log: cfg.Logger}
 	if err := c.resumeWebSocket(st.Unread, st.MaxStanza); err != nil {
 		_ = conn.Close()
 		return err
