@@ -117,12 +117,8 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	c := &c2sConn{conn: raw, raw: raw, cfg: cfg, log: cfg.Logger}
 	raw.SetTransport("tcp")
 	raw.OnEnd(c.streamErrorCondition)
-	c.out = newOutbox(cfg.MaxPendingWrite, func() {
-		c.log.Info("client reads too slowly; disconnecting", c.connField(), zap.Int("limit", cfg.MaxPendingWrite))
-		_ = raw.Close()
-	})
+	c.out = newOutbox(cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
 	defer raw.Close()
-	go c.out.run(c.write, c.closeConn)
 	defer c.out.shutdown()
 
 	_ = raw.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
@@ -321,6 +317,12 @@ func (c *c2sConn) writeNow(b []byte) error {
 	}
 	_, err := c.raw.Write(b)
 	return err
+}
+
+// overflow disconnects a client that reads slower than ejabberd writes.
+func (c *c2sConn) overflow() {
+	c.log.Info("client reads too slowly; disconnecting", c.connField(), zap.Int("limit", c.cfg.MaxPendingWrite))
+	_ = c.raw.Close()
 }
 
 // connField names the connection in a log line.

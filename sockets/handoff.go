@@ -65,8 +65,6 @@ type MovingStream struct {
 
 	conn      *Conn
 	out       *outbox
-	writer    func([]byte) error
-	finish    func()
 	decide    chan<- bool
 	afterStop func(*StreamState) // what the writer's side adds to the state
 }
@@ -82,7 +80,7 @@ func (m *MovingStream) Moved() { m.decide <- true }
 // Resume lets the stream carry on here (the takeover failed).
 func (m *MovingStream) Resume() {
 	if m.out.isDetached() {
-		m.out.reattach(m.State.Unwritten, m.writer, m.finish)
+		m.out.reattach(m.State.Unwritten)
 	}
 	m.decide <- false
 }
@@ -197,17 +195,13 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 	}
 	conn.OnEnd(c.streamErrorCondition)
 	c.shaper.setRate(st.ShaperRate)
-	c.out = newOutbox(cfg.MaxPendingWrite, func() {
-		c.log.Info("client reads too slowly; disconnecting", c.connField(), zap.Int("limit", cfg.MaxPendingWrite))
-		_ = conn.Close()
-	})
+	c.out = newOutbox(cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
 	for _, b := range st.Unwritten {
 		c.out.push(b)
 	}
 	parser := c.resumeParser(st.Unread, st.MaxStanza)
 	go func() {
 		defer conn.Close()
-		go c.out.run(c.write, c.closeConn)
 		defer c.out.shutdown()
 		defer stream.Close()
 		c.readStanzas(stream, parser)
@@ -250,7 +244,7 @@ func (c *c2sConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
 		return nil, err
 	}
 	st.Transport, st.Unread = "tcp", c.tap.unconsumed()
-	return &MovingStream{State: st, conn: c.raw, out: c.out, writer: c.write, finish: c.closeConn,
+	return &MovingStream{State: st, conn: c.raw, out: c.out,
 		decide: c.handoff.decision, afterStop: func(st *StreamState) {
 			c.mu.Lock()
 			st.HeaderSent = c.headerSent
@@ -359,57 +353,4 @@ func (t *tap) unconsumed() []byte { return bytes.Clone(t.buf) }
 func (h *streamHandoff) opened(maxStanza int64) {
 	h.maxStanza.Store(maxStanza)
 	h.running.Store(true)
-}
-
-// detach stops the writer after the message it is writing, without
-// closing the connection, and returns what it has not written. It gives
-// up after limit (a client that does not read holds the writer in a
-// write); the writer then carries on.
-func (o *outbox) detach(limit time.Duration) ([][]byte, bool) {
-	o.mu.Lock()
-	o.detaching = true
-	o.mu.Unlock()
-	o.signal()
-	select {
-	case <-o.finished:
-	case <-time.After(limit):
-		o.mu.Lock()
-		o.detaching = false
-		o.mu.Unlock()
-		return nil, false
-	}
-	return o.drain(), true
-}
-
-func (o *outbox) isDetached() bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.detaching
-}
-
-// requeueIfDetaching puts rest back at the head of the queue if the writer
-// is to stop, and reports whether it is.
-func (o *outbox) requeueIfDetaching(rest [][]byte) bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if !o.detaching {
-		return false
-	}
-	o.pending = append(append([][]byte(nil), rest...), o.pending...)
-	for _, m := range rest {
-		o.size += len(m)
-	}
-	return true
-}
-
-// reattach restarts a detached writer with pending at the head of the
-// queue (a takeover that failed).
-func (o *outbox) reattach(pending [][]byte, write func([]byte) error, finish func()) {
-	o.mu.Lock()
-	o.pending = append(append([][]byte(nil), pending...), o.pending...)
-	o.detaching = false
-	o.finished = make(chan struct{})
-	o.mu.Unlock()
-	go o.run(write, finish)
-	o.signal()
 }

@@ -234,7 +234,7 @@ func (c *wsConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
 		return nil, err
 	}
 	st.Transport = "websocket"
-	return &MovingStream{State: st, conn: c.conn, out: c.out, writer: c.write, finish: c.closeConn,
+	return &MovingStream{State: st, conn: c.conn, out: c.out,
 		decide: c.handoff.decision}, nil
 }
 
@@ -252,7 +252,7 @@ func (c *wsConn) parkWebSocket(maxStanza int64) bool {
 		if !stopped {
 			err = errors.New("the client is not reading")
 		} else if err = c.resumeWebSocket(unread, maxStanza); err == nil {
-			c.out.reattach(pending, c.write, c.closeConn)
+			c.out.reattach(pending)
 			return true
 		}
 	}
@@ -290,9 +290,8 @@ func AdoptWebSocket(registry *Registry, cfg WebSocketConfig, adopter StreamAdopt
 func (c *wsConn) start(st StreamState) {
 	c.conn.OnEnd(c.streamError)
 	c.shaper.setRate(st.ShaperRate)
-	c.out = newOutbox(c.cfg.MaxPendingWrite, c.overflow)
+	c.out = newOutbox(c.cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
 	for _, b := range st.Unwritten {
 		c.out.push(b)
 	}
-	go c.out.run(c.write, c.closeConn)
 }
