@@ -109,7 +109,7 @@ type c2sConn struct {
 	headerSent bool
 	shaper     shaper
 
-	tap     *tap // what the parser read, from the last stanza boundary on
+	r       *streamReader // the stream's reader once it is past TLS; its framer holds a takeover's unread bytes
 	handoff streamHandoff
 }
 
@@ -145,8 +145,9 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 		raw.SetTransport(transport)
 	}
 
-	parser := xmlstream.NewParser(c.tapped(transport), xmlstream.Limits{MaxStanzaBytes: raw.registry.Limits().MaxStanzaBytes})
-	header, err := parser.Next()
+	r := c.reader(transport, xmlstream.Limits{MaxStanzaBytes: raw.registry.Limits().MaxStanzaBytes})
+	defer r.release()
+	header, err := r.next()
 	if err != nil {
 		c.streamError(err)
 		return
@@ -162,24 +163,26 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	}
 	defer stream.Close()
 	raw.SetSession(stream.Describe())
-	parser.SetMaxStanzaBytes(stanzaLimit(raw.Limits().MaxStanzaBytes, stream.MaxStanzaBytes()))
+	r.framer.SetMaxStanzaBytes(stanzaLimit(raw.Limits().MaxStanzaBytes, stream.MaxStanzaBytes()))
 	_ = raw.SetDeadline(time.Time{}) // c2s keeps its own timers from here
 	if err := stream.Send([]etf.Term{header}); err != nil {
 		return
 	}
-	c.readStanzas(stream, parser)
+	c.readStanzas(stream, r)
 }
 
 // readStanzas hands the client's stanzas to c2s until the stream ends, or
 // it moves to a new sidecar process (handoff.go).
-func (c *c2sConn) readStanzas(stream Stream, parser *xmlstream.Parser) {
-	for parser != nil {
-		err := c.pumpStanzas(stream, parser)
+func (c *c2sConn) readStanzas(stream Stream, r *streamReader) {
+	for {
+		err := c.pumpStanzas(stream, r)
 		switch {
 		case err == nil:
 			return
 		case c.handoff.requested.Load():
-			parser = c.park() // nil once the stream has moved
+			if c.park() {
+				return // the stream has moved
+			}
 		case !errors.Is(err, io.EOF) && !c.out.isClosing():
 			c.streamError(err)
 			return
@@ -191,12 +194,10 @@ func (c *c2sConn) readStanzas(stream Stream, parser *xmlstream.Parser) {
 
 // pumpStanzas returns the read error that stopped it, or nil once it has
 // ended the stream itself.
-func (c *c2sConn) pumpStanzas(stream Stream, parser *xmlstream.Parser) error {
+func (c *c2sConn) pumpStanzas(stream Stream, r *streamReader) error {
 	c.handoff.opened(stream.MaxStanzaBytes())
-	offset := parser.Offset()
-	c.tap.consumed(offset) // the stream header went to c2s already
 	for {
-		ev, err := parser.Next()
+		ev, err := r.next()
 		if err != nil {
 			return err
 		}
@@ -204,20 +205,17 @@ func (c *c2sConn) pumpStanzas(stream Stream, parser *xmlstream.Parser) error {
 			c.streamErrorCondition("remote-connection-failed")
 			return nil
 		}
-		read := parser.Offset()
-		c.tap.consumed(read) // a stanza boundary: a takeover resumes from here
-		if pause := c.shaper.delay(int(read - offset)); pause > 0 {
-			time.Sleep(pause) // reading waits, as ejabberd's shaper makes it
-		}
-		offset = read
 	}
 }
 
 // startTLS answers the pre-TLS stream itself: ejabberd never sees a byte
 // before encryption (it cannot do TLS on a virtual socket anyway).
 func (c *c2sConn) startTLS() (*tls.Conn, error) {
-	parser := xmlstream.NewParser(c.raw, xmlstream.Limits{MaxStanzaBytes: 4096, MaxDepth: 4})
-	header, err := parser.Next()
+	// Bytes after <starttls/> would be the client's ClientHello, which it
+	// may send only once it has <proceed/>, so nothing read here is lost.
+	r := newStreamReader(c.raw, xmlstream.Limits{MaxStanzaBytes: 4096, MaxDepth: 4})
+	defer r.release()
+	header, err := r.next()
 	if err != nil {
 		c.streamError(err)
 		return nil, err
@@ -233,7 +231,7 @@ func (c *c2sConn) startTLS() (*tls.Conn, error) {
 	c.mu.Lock()
 	c.headerSent = true
 	c.mu.Unlock()
-	el, err := parser.Next()
+	el, err := r.next()
 	if err != nil {
 		c.streamError(err)
 		return nil, err

@@ -10,13 +10,10 @@ package sockets
 // until they end (see docs/ARCHITECTURE.md, "Hot upgrade").
 
 import (
-	"bytes"
 	"errors"
-	"io"
 	"net"
 	"net/netip"
 	"os"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -199,43 +196,44 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 	for _, b := range st.Unwritten {
 		c.out.push(b)
 	}
-	parser := c.resumeParser(st.Unread, st.MaxStanza)
+	r, err := c.resumeReader(st.Unread, st.MaxStanza)
+	if err != nil {
+		_ = conn.Close()
+		stream.Close()
+		return err
+	}
 	go func() {
 		defer conn.Close()
 		defer c.out.shutdown()
+		defer r.release()
 		defer stream.Close()
-		c.readStanzas(stream, parser)
+		c.readStanzas(stream, r)
 	}()
 	return nil
 }
 
-// tapped returns what the stream's parser reads from: for a plain TCP
-// stream, a tap that keeps the bytes past the last stanza boundary, which
-// is what lets the stream move.
-func (c *c2sConn) tapped(transport string) io.Reader {
-	if transport != "tcp" {
-		return c.conn
+// reader returns the reader of the stream proper (past TLS). A plain
+// TCP stream may move: its framer holds the bytes past the last stanza
+// boundary, which is what the next process needs.
+func (c *c2sConn) reader(transport string, limits xmlstream.Limits) *streamReader {
+	c.r = newStreamReader(c.conn, limits)
+	c.r.shaper = &c.shaper
+	if transport == "tcp" {
+		c.raw.canMove(c, nil)
 	}
-	c.tap = &tap{r: c.conn}
-	c.raw.canMove(c, nil)
-	return c.tap
+	return c.r
 }
 
-// resumeHeader puts a fresh parser inside a stream (it refuses stanzas
-// before a stream header); the event it gives is not sent on.
-const resumeHeader = "<stream:stream>"
-
-// resumeParser parses unread, then the socket, as the continuation of a
-// stream that is already open.
-func (c *c2sConn) resumeParser(unread []byte, maxStanza int64) *xmlstream.Parser {
-	c.tap = &tap{r: io.MultiReader(strings.NewReader(resumeHeader), bytes.NewReader(unread), c.raw)}
-	c.raw.canMove(c, nil)
-	p := xmlstream.NewParser(c.tap, xmlstream.Limits{MaxStanzaBytes: maxStanza})
-	// The header is the tap's first read on its own (MultiReader reads
-	// one part at a time), so this returns without touching the socket.
-	_, _ = p.Next()
-	c.tap.consumed(p.Offset())
-	return p
+// resumeReader reads a stream that is already open: unread first, then
+// the socket.
+func (c *c2sConn) resumeReader(unread []byte, maxStanza int64) (*streamReader, error) {
+	r := c.reader("tcp", xmlstream.Limits{MaxStanzaBytes: maxStanza})
+	r.framer.Resume()
+	// unread is the start of one unit: it gives no event, only state.
+	if err := r.framer.Feed(unread, r.push); err != nil {
+		return nil, err
+	}
+	return r, nil
 }
 
 func (c *c2sConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
@@ -243,7 +241,7 @@ func (c *c2sConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
 	if err != nil {
 		return nil, err
 	}
-	st.Transport, st.Unread = "tcp", c.tap.unconsumed()
+	st.Transport, st.Unread = "tcp", c.r.framer.Pending()
 	return &MovingStream{State: st, conn: c.raw, out: c.out,
 		decide: c.handoff.decision, afterStop: func(st *StreamState) {
 			c.mu.Lock()
@@ -252,14 +250,9 @@ func (c *c2sConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
 		}}, nil
 }
 
-// park runs on the reader once it stopped for a takeover; it returns the
-// parser to read on with, or nil if the stream moved.
-func (c *c2sConn) park() *xmlstream.Parser {
-	if c.handoff.park(c.raw) {
-		return nil
-	}
-	return c.resumeParser(c.tap.unconsumed(), c.handoff.maxStanza.Load())
-}
+// park runs on the reader once it stopped for a takeover; it reports
+// whether the stream moved (otherwise the reader reads on).
+func (c *c2sConn) park() bool { return c.handoff.park(c.raw) }
 
 // canMove registers the stream that may move with the connection, and
 // the tap that records its bytes (WebSocket only).
@@ -320,34 +313,6 @@ func (h *streamHandoff) park(conn *Conn) bool {
 	}
 	return moved
 }
-
-// tap keeps what the parser read from the last stanza boundary on.
-type tap struct {
-	r    io.Reader
-	base int64 // the parser's offset of buf[0]
-	buf  []byte
-}
-
-func (t *tap) Read(b []byte) (int, error) {
-	n, err := t.r.Read(b)
-	t.buf = append(t.buf, b[:n]...)
-	return n, err
-}
-
-// consumed drops what the parser has used up to offset (a boundary).
-func (t *tap) consumed(offset int64) {
-	if t == nil {
-		return
-	}
-	drop := int(offset - t.base)
-	if drop <= 0 {
-		return
-	}
-	t.buf = append(t.buf[:0], t.buf[drop:]...)
-	t.base = offset
-}
-
-func (t *tap) unconsumed() []byte { return bytes.Clone(t.buf) }
 
 // opened marks the stream as open (its reader feeds c2s), so it may move.
 func (h *streamHandoff) opened(maxStanza int64) {

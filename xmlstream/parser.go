@@ -240,8 +240,7 @@ func ParseElement(b []byte, limits Limits) (etf.Term, error) {
 	if limits.MaxStanzaBytes > 0 && int64(len(b)) > limits.MaxStanzaBytes {
 		return nil, fmt.Errorf("%w: message over %d bytes", ErrPolicyViolation, limits.MaxStanzaBytes)
 	}
-	p := NewParser(bytes.NewReader(b), limits)
-	p.started = true // no stream header around a framed element
+	p := newUnitParser(b, true, limits.withDefaults()) // started: no stream header around a framed element
 	el, err := p.Next()
 	if err == io.EOF {
 		return nil, fmt.Errorf("%w: empty message", ErrNotWellFormed)
