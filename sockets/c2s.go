@@ -96,7 +96,7 @@ func ServeC2S(lis *Listener, cfg C2SConfig, backend StreamBackend, directTLS boo
 // c2sConn is one client stream: the socket, the parser, and the queue of
 // what ejabberd writes to it.
 type c2sConn struct {
-	conn net.Conn // the client socket (TLS-wrapped once negotiated)
+	conn net.Conn // the client socket (a pollingConn where it can be, TLS-wrapped once negotiated)
 	raw  *Conn
 	cfg  C2SConfig
 	// log is the listener's logger, shared: a child logger per connection
@@ -114,7 +114,7 @@ type c2sConn struct {
 }
 
 func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS bool) {
-	c := &c2sConn{conn: raw, raw: raw, cfg: cfg, log: cfg.Logger}
+	c := &c2sConn{conn: clientSocket(raw), raw: raw, cfg: cfg, log: cfg.Logger}
 	raw.SetTransport("tcp")
 	raw.OnEnd(c.streamErrorCondition)
 	c.out = newOutbox(cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
@@ -125,7 +125,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	transport := "tcp"
 	switch {
 	case directTLS:
-		tc := tls.Server(raw, cfg.TLS)
+		tc := tls.Server(c.conn, cfg.TLS)
 		if err := tc.Handshake(); err != nil {
 			raw.registry.countHandshakeFailure("tls")
 			c.log.Debug("TLS handshake failed", c.connField(), zap.Error(err))
@@ -213,7 +213,7 @@ func (c *c2sConn) pumpStanzas(stream Stream, r *streamReader) error {
 func (c *c2sConn) startTLS() (*tls.Conn, error) {
 	// Bytes after <starttls/> would be the client's ClientHello, which it
 	// may send only once it has <proceed/>, so nothing read here is lost.
-	r := newStreamReader(c.raw, xmlstream.Limits{MaxStanzaBytes: 4096, MaxDepth: 4})
+	r := newStreamReader(c.conn, xmlstream.Limits{MaxStanzaBytes: 4096, MaxDepth: 4})
 	defer r.release()
 	header, err := r.next()
 	if err != nil {
@@ -236,6 +236,7 @@ func (c *c2sConn) startTLS() (*tls.Conn, error) {
 		c.streamError(err)
 		return nil, err
 	}
+	r.release() // the handshake reads the blocking way
 	if xmlstream.Name(el) != "starttls" || xmlstream.Attr(el, "xmlns") != nsTLS {
 		c.streamErrorCondition("policy-violation")
 		return nil, fmt.Errorf("client sent <%s> where STARTTLS is required", xmlstream.Name(el))
@@ -244,7 +245,7 @@ func (c *c2sConn) startTLS() (*tls.Conn, error) {
 	if err := c.writeNow([]byte("<proceed xmlns='" + nsTLS + "'/>")); err != nil {
 		return nil, err
 	}
-	tc := tls.Server(c.raw, c.cfg.TLS)
+	tc := tls.Server(c.conn, c.cfg.TLS)
 	if err := tc.Handshake(); err != nil {
 		c.raw.registry.countHandshakeFailure("starttls")
 		return nil, err

@@ -184,7 +184,7 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 		cfg.Logger = zap.NewNop()
 	}
 	conn := registry.adopt(raw, st)
-	c := &c2sConn{conn: conn, raw: conn, cfg: cfg, log: cfg.Logger, headerSent: st.HeaderSent}
+	c := &c2sConn{conn: clientSocket(conn), raw: conn, cfg: cfg, log: cfg.Logger, headerSent: st.HeaderSent}
 	stream, ok := adopter.AdoptStream(st.ConnID, c)
 	if !ok {
 		_ = conn.Close()

@@ -15,21 +15,29 @@ import (
 // the framer keeps only the bytes of a unit in progress, and what the
 // socket gave is parsed as it comes (xmlstream.Framer).
 type streamReader struct {
-	conn   net.Conn
+	conn   net.Conn // the client socket, or TLS over it
 	framer *xmlstream.Framer
 	shaper *shaper // nil before c2s runs
 
+	// poll is the socket under conn, read without waiting (idleread.go);
+	// nil: conn is read the blocking way. direct: conn is poll itself, no
+	// TLS buffers in between. drained: the last read found nothing (or,
+	// when direct, less than it asked for), so wait before reading again.
+	poll            *pollingConn
+	direct, drained bool
+
 	queue []etf.Term // events of the last read not handed out yet
 	err   error      // what ended the last read, once the queue is out
-	buf   []byte
 }
 
 func newStreamReader(conn net.Conn, limits xmlstream.Limits) *streamReader {
-	return &streamReader{conn: conn, framer: xmlstream.NewFramer(limits), buf: make([]byte, readBufSize)}
+	// Not drained at first: TLS may have read past its handshake.
+	r := &streamReader{conn: conn, framer: xmlstream.NewFramer(limits)}
+	if r.poll, r.direct = pollingSocket(conn); r.poll != nil {
+		r.poll.polling.Store(true)
+	}
+	return r
 }
-
-// readBufSize is what one read takes from the socket at most.
-const readBufSize = 4 << 10
 
 func (r *streamReader) push(ev etf.Term) error {
 	r.queue = append(r.queue, ev)
@@ -54,14 +62,28 @@ func (r *streamReader) next() (etf.Term, error) {
 			r.err = nil // a read deadline is not for good (a takeover that failed reads on)
 			return nil, err
 		}
-		n, err := r.conn.Read(r.buf)
+		if r.poll != nil && r.drained {
+			if err := r.poll.waitReadable(); err != nil {
+				r.err = err
+				continue
+			}
+		}
+		buf := readBufs.Get().(*[]byte)
+		n, err := r.conn.Read(*buf)
+		if errors.Is(err, errWouldBlock) { // TLS had no whole record: wait for more
+			readBufs.Put(buf)
+			r.drained = true
+			continue
+		}
+		r.drained = r.direct && n < len(*buf)
 		if n > 0 {
-			if ferr := r.framer.Feed(r.buf[:n], r.push); ferr != nil {
+			if ferr := r.framer.Feed((*buf)[:n], r.push); ferr != nil {
 				err = ferr
 			}
-			if pause := r.shaper.delay(n); pause > 0 {
-				time.Sleep(pause) // reading waits, as ejabberd's shaper makes it
-			}
+		}
+		readBufs.Put(buf)
+		if pause := r.shaper.delay(n); pause > 0 {
+			time.Sleep(pause) // reading waits, as ejabberd's shaper makes it
 		}
 		if errors.Is(err, io.EOF) {
 			if ferr := r.framer.End(); ferr != nil {
@@ -72,5 +94,11 @@ func (r *streamReader) next() (etf.Term, error) {
 	}
 }
 
-// release gives back what the reader holds; the stream has ended here.
-func (r *streamReader) release() { r.framer.Release() }
+// release gives back what the reader holds, and lets the socket be read
+// the blocking way again (a TLS handshake next, or the stream ended here).
+func (r *streamReader) release() {
+	r.framer.Release()
+	if r.poll != nil {
+		r.poll.polling.Store(false)
+	}
+}
