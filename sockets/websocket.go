@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -34,12 +35,23 @@ type WebSocketHandler struct {
 // NewWebSocketHandler returns the handler.
 func NewWebSocketHandler(cfg WebSocketConfig, backend StreamBackend) *WebSocketHandler {
 	return &WebSocketHandler{cfg: cfg.withDefaults(), backend: backend, upgrader: websocket.Upgrader{
-		Subprotocols: []string{"xmpp"},
+		Subprotocols:    []string{"xmpp"},
+		ReadBufferSize:  wsReadBufferSize,
+		WriteBufferPool: wsWriteBuffers,
 		// Browser clients of any origin may connect, as with ejabberd's
 		// own /ws; authentication is XMPP's business.
 		CheckOrigin: func(*http.Request) bool { return true },
 	}}
 }
+
+// An idle WebSocket should hold little: gorilla keeps its read buffer for
+// the life of the connection (by default the 4 KiB one net/http read the
+// upgrade with), so it gets a small one of its own (large messages are
+// read past it, straight into the message), and takes a write buffer
+// from a shared pool only while it writes a message.
+const wsReadBufferSize = 512
+
+var wsWriteBuffers = &sync.Pool{}
 
 func (cfg WebSocketConfig) withDefaults() WebSocketConfig {
 	if cfg.MaxPendingWrite <= 0 {

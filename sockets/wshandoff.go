@@ -182,7 +182,8 @@ func (c *wsConn) resumeWebSocket(unread []byte, maxStanza int64) error {
 		"Sec-Websocket-Key":      {"bWVnYXBob25lIHJlc3VtZQ=="},
 		"Sec-Websocket-Protocol": {"xmpp"},
 	}}
-	up := websocket.Upgrader{Subprotocols: []string{"xmpp"}, CheckOrigin: func(*http.Request) bool { return true }}
+	up := websocket.Upgrader{Subprotocols: []string{"xmpp"}, ReadBufferSize: wsReadBufferSize, WriteBufferPool: wsWriteBuffers,
+		CheckOrigin: func(*http.Request) bool { return true }}
 	ws, err := up.Upgrade(&hijacked{header: http.Header{}, conn: &resumedConn{Conn: c.conn, unread: unread}}, req, nil)
 	if err != nil {
 		return err
