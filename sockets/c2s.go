@@ -93,7 +93,7 @@ func ServeC2S(lis *Listener, cfg C2SConfig, backend StreamBackend, directTLS boo
 	}
 }
 
-// c2sConn is one client stream: the socket, the parser, and the queue of
+// c2sConn is one client stream: the socket, its reader (framer), and the queue of
 // what ejabberd writes to it.
 type c2sConn struct {
 	conn net.Conn // the client socket (a pollingConn where it can be, TLS-wrapped once negotiated)
