@@ -118,9 +118,24 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	raw.SetTransport("tcp")
 	raw.OnEnd(c.streamErrorCondition)
 	c.out = newOutbox(cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
-	defer raw.Close()
-	defer c.out.shutdown()
+	stream, r := c.open(backend, directTLS)
+	if stream == nil {
+		c.out.shutdown()
+		_ = raw.Close()
+		return
+	}
+	// The open stream is read on a goroutine of its own, started from a
+	// shallow frame: the deep stack of the TLS handshake and the opening
+	// ends with this one, and the new reader parks in frames small enough
+	// for the runtime to shrink its stack to the minimum at the next GC
+	// (measured: an idle reader parked under this function kept 8 KiB).
+	go c.run(stream, r)
+}
 
+// open takes a new connection through TLS and the stream header to a
+// running c2s, or ends it with the reason; it returns nil then.
+func (c *c2sConn) open(backend StreamBackend, directTLS bool) (Stream, *streamReader) {
+	raw, cfg := c.raw, c.cfg
 	_ = raw.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	transport := "tcp"
 	switch {
@@ -129,7 +144,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 		if err := tc.Handshake(); err != nil {
 			raw.registry.countHandshakeFailure("tls")
 			c.log.Debug("TLS handshake failed", c.connField(), zap.Error(err))
-			return
+			return nil, nil
 		}
 		c.setConn(tc)
 		transport = "tls"
@@ -138,7 +153,7 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 		tc, err := c.startTLS()
 		if err != nil {
 			c.log.Debug("STARTTLS failed", c.connField(), zap.Error(err))
-			return
+			return nil, nil
 		}
 		c.setConn(tc)
 		transport = "tls"
@@ -146,11 +161,11 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	}
 
 	r := c.reader(transport, xmlstream.Limits{MaxStanzaBytes: raw.registry.Limits().MaxStanzaBytes})
-	defer r.release()
 	header, err := r.next()
 	if err != nil {
 		c.streamError(err)
-		return
+		r.release()
+		return nil, nil
 	}
 	local := addrPort(raw.LocalAddr())
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.HandshakeTimeout)
@@ -159,15 +174,26 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	if err != nil {
 		c.log.Info("ejabberd did not take the stream", c.connField(), zap.Error(err))
 		c.streamErrorCondition("remote-connection-failed")
-		return
+		r.release()
+		return nil, nil
 	}
-	defer stream.Close()
 	raw.SetSession(stream.Describe())
 	r.framer.SetMaxStanzaBytes(stanzaLimit(raw.Limits().MaxStanzaBytes, stream.MaxStanzaBytes()))
 	_ = raw.SetDeadline(time.Time{}) // c2s keeps its own timers from here
 	if err := stream.Send([]etf.Term{header}); err != nil {
-		return
+		stream.Close()
+		r.release()
+		return nil, nil
 	}
+	return stream, r
+}
+
+// run reads an open stream until it ends or moves, then lets go of it.
+func (c *c2sConn) run(stream Stream, r *streamReader) {
+	defer c.raw.Close()
+	defer c.out.shutdown()
+	defer r.release()
+	defer stream.Close()
 	c.readStanzas(stream, r)
 }
 

@@ -202,13 +202,7 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 		stream.Close()
 		return err
 	}
-	go func() {
-		defer conn.Close()
-		defer c.out.shutdown()
-		defer r.release()
-		defer stream.Close()
-		c.readStanzas(stream, r)
-	}()
+	go c.run(stream, r)
 	return nil
 }
 
