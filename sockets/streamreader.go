@@ -26,8 +26,9 @@ type streamReader struct {
 	poll            *pollingConn
 	direct, drained bool
 
-	queue []etf.Term // events of the last read not handed out yet
-	err   error      // what ended the last read, once the queue is out
+	queue  []etf.Term // events of the last read not handed out yet
+	err    error      // what ended the last read, once the queue is out
+	broken error      // a broken stream: every later call returns it
 }
 
 func newStreamReader(conn net.Conn, limits xmlstream.Limits) *streamReader {
@@ -58,6 +59,9 @@ func (r *streamReader) next() (etf.Term, error) {
 			return ev, nil
 		}
 		r.queue = r.queue[:0:0]
+		if r.broken != nil {
+			return nil, r.broken
+		}
 		if err := r.err; err != nil {
 			r.err = nil // a read deadline is not for good (a takeover that failed reads on)
 			return nil, err
@@ -78,7 +82,7 @@ func (r *streamReader) next() (etf.Term, error) {
 		r.drained = r.direct && n < len(*buf)
 		if n > 0 {
 			if ferr := r.framer.Feed((*buf)[:n], r.push); ferr != nil {
-				err = ferr
+				err, r.broken = ferr, ferr
 			}
 		}
 		readBufs.Put(buf)
@@ -87,7 +91,7 @@ func (r *streamReader) next() (etf.Term, error) {
 		}
 		if errors.Is(err, io.EOF) {
 			if ferr := r.framer.End(); ferr != nil {
-				err = ferr
+				err, r.broken = ferr, ferr
 			}
 		}
 		r.err = err
