@@ -120,7 +120,7 @@ bench-scale: deps build
 # each for FUZZTIME_SHORT (fuzz-short). A crash leaves its input in the
 # package's testdata/fuzz/, where it stays as a regression seed.
 FUZZ_TARGETS := etf:FuzzDecode etf:FuzzShimMessage bosh:FuzzCheckBody bosh:FuzzHandler \
-	xmlstream:FuzzParser xmlstream:FuzzWebSocketFraming xmlstream:FuzzWriterHostileTerms \
+	xmlstream:FuzzParser xmlstream:FuzzFramer xmlstream:FuzzWebSocketFraming xmlstream:FuzzWriterHostileTerms \
 	sockets:FuzzC2SNegotiation node:FuzzLinkDispatch
 FUZZTIME ?= 2m
 FUZZTIME_SHORT ?= 5s

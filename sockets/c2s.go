@@ -93,13 +93,15 @@ func ServeC2S(lis *Listener, cfg C2SConfig, backend StreamBackend, directTLS boo
 	}
 }
 
-// c2sConn is one client stream: the socket, the parser, and the queue of
+// c2sConn is one client stream: the socket, its reader (framer), and the queue of
 // what ejabberd writes to it.
 type c2sConn struct {
-	conn net.Conn // the client socket (TLS-wrapped once negotiated)
+	conn net.Conn // the client socket (a pollingConn where it can be, TLS-wrapped once negotiated)
 	raw  *Conn
 	cfg  C2SConfig
-	log  *zap.Logger
+	// log is the listener's logger, shared: a child logger per connection
+	// (Logger.With) costs ~1.4 KiB each, so call sites add connField.
+	log *zap.Logger
 
 	out *outbox
 
@@ -107,31 +109,42 @@ type c2sConn struct {
 	headerSent bool
 	shaper     shaper
 
-	tap     *tap // what the parser read, from the last stanza boundary on
+	r       *streamReader // the stream's reader once it is past TLS; its framer holds a takeover's unread bytes
 	handoff streamHandoff
 }
 
 func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS bool) {
-	c := &c2sConn{conn: raw, raw: raw, cfg: cfg, log: cfg.Logger.With(zap.Uint64("conn", raw.ID))}
+	c := &c2sConn{conn: clientSocket(raw), raw: raw, cfg: cfg, log: cfg.Logger}
 	raw.SetTransport("tcp")
 	raw.OnEnd(c.streamErrorCondition)
-	c.out = newOutbox(cfg.MaxPendingWrite, func() {
-		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", cfg.MaxPendingWrite))
+	c.out = newOutbox(cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
+	stream, r := c.open(backend, directTLS)
+	if stream == nil {
+		c.out.shutdown()
 		_ = raw.Close()
-	})
-	defer raw.Close()
-	go c.out.run(c.write, c.closeConn)
-	defer c.out.shutdown()
+		return
+	}
+	// The open stream is read on a goroutine of its own, started from a
+	// shallow frame: the deep stack of the TLS handshake and the opening
+	// ends with this one, and the new reader parks in frames small enough
+	// for the runtime to shrink its stack to the minimum at the next GC
+	// (measured: an idle reader parked under this function kept 8 KiB).
+	go c.run(stream, r)
+}
 
+// open takes a new connection through TLS and the stream header to a
+// running c2s, or ends it with the reason; it returns nil then.
+func (c *c2sConn) open(backend StreamBackend, directTLS bool) (Stream, *streamReader) {
+	raw, cfg := c.raw, c.cfg
 	_ = raw.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	transport := "tcp"
 	switch {
 	case directTLS:
-		tc := tls.Server(raw, cfg.TLS)
+		tc := tls.Server(c.conn, cfg.TLS)
 		if err := tc.Handshake(); err != nil {
 			raw.registry.countHandshakeFailure("tls")
-			c.log.Debug("TLS handshake failed", zap.Error(err))
-			return
+			c.log.Debug("TLS handshake failed", c.connField(), zap.Error(err))
+			return nil, nil
 		}
 		c.setConn(tc)
 		transport = "tls"
@@ -139,49 +152,63 @@ func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS boo
 	case cfg.TLS != nil:
 		tc, err := c.startTLS()
 		if err != nil {
-			c.log.Debug("STARTTLS failed", zap.Error(err))
-			return
+			c.log.Debug("STARTTLS failed", c.connField(), zap.Error(err))
+			return nil, nil
 		}
 		c.setConn(tc)
 		transport = "tls"
 		raw.SetTransport(transport)
 	}
 
-	parser := xmlstream.NewParser(c.tapped(transport), xmlstream.Limits{MaxStanzaBytes: raw.registry.Limits().MaxStanzaBytes})
-	header, err := parser.Next()
+	r := c.reader(transport, xmlstream.Limits{MaxStanzaBytes: raw.registry.Limits().MaxStanzaBytes})
+	header, err := r.next()
 	if err != nil {
 		c.streamError(err)
-		return
+		r.release()
+		return nil, nil
 	}
 	local := addrPort(raw.LocalAddr())
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.HandshakeTimeout)
 	stream, err := backend.OpenStream(ctx, etf.C2SOpen{ConnID: raw.ID, Transport: transport, Peer: raw.Peer, Local: local}, c)
 	cancel()
 	if err != nil {
-		c.log.Info("ejabberd did not take the stream", zap.Error(err))
+		c.log.Info("ejabberd did not take the stream", c.connField(), zap.Error(err))
 		c.streamErrorCondition("remote-connection-failed")
-		return
+		r.release()
+		return nil, nil
 	}
-	defer stream.Close()
 	raw.SetSession(stream.Describe())
-	parser.SetMaxStanzaBytes(stanzaLimit(raw.Limits().MaxStanzaBytes, stream.MaxStanzaBytes()))
+	r.framer.SetMaxStanzaBytes(stanzaLimit(raw.Limits().MaxStanzaBytes, stream.MaxStanzaBytes()))
 	_ = raw.SetDeadline(time.Time{}) // c2s keeps its own timers from here
 	if err := stream.Send([]etf.Term{header}); err != nil {
-		return
+		stream.Close()
+		r.release()
+		return nil, nil
 	}
-	c.readStanzas(stream, parser)
+	return stream, r
+}
+
+// run reads an open stream until it ends or moves, then lets go of it.
+func (c *c2sConn) run(stream Stream, r *streamReader) {
+	defer c.raw.Close()
+	defer c.out.shutdown()
+	defer r.release()
+	defer stream.Close()
+	c.readStanzas(stream, r)
 }
 
 // readStanzas hands the client's stanzas to c2s until the stream ends, or
 // it moves to a new sidecar process (handoff.go).
-func (c *c2sConn) readStanzas(stream Stream, parser *xmlstream.Parser) {
-	for parser != nil {
-		err := c.pumpStanzas(stream, parser)
+func (c *c2sConn) readStanzas(stream Stream, r *streamReader) {
+	for {
+		err := c.pumpStanzas(stream, r)
 		switch {
 		case err == nil:
 			return
 		case c.handoff.requested.Load():
-			parser = c.park() // nil once the stream has moved
+			if c.park() {
+				return // the stream has moved
+			}
 		case !errors.Is(err, io.EOF) && !c.out.isClosing():
 			c.streamError(err)
 			return
@@ -193,12 +220,10 @@ func (c *c2sConn) readStanzas(stream Stream, parser *xmlstream.Parser) {
 
 // pumpStanzas returns the read error that stopped it, or nil once it has
 // ended the stream itself.
-func (c *c2sConn) pumpStanzas(stream Stream, parser *xmlstream.Parser) error {
+func (c *c2sConn) pumpStanzas(stream Stream, r *streamReader) error {
 	c.handoff.opened(stream.MaxStanzaBytes())
-	offset := parser.Offset()
-	c.tap.consumed(offset) // the stream header went to c2s already
 	for {
-		ev, err := parser.Next()
+		ev, err := r.next()
 		if err != nil {
 			return err
 		}
@@ -206,20 +231,17 @@ func (c *c2sConn) pumpStanzas(stream Stream, parser *xmlstream.Parser) error {
 			c.streamErrorCondition("remote-connection-failed")
 			return nil
 		}
-		read := parser.Offset()
-		c.tap.consumed(read) // a stanza boundary: a takeover resumes from here
-		if pause := c.shaper.delay(int(read - offset)); pause > 0 {
-			time.Sleep(pause) // reading waits, as ejabberd's shaper makes it
-		}
-		offset = read
 	}
 }
 
 // startTLS answers the pre-TLS stream itself: ejabberd never sees a byte
 // before encryption (it cannot do TLS on a virtual socket anyway).
 func (c *c2sConn) startTLS() (*tls.Conn, error) {
-	parser := xmlstream.NewParser(c.raw, xmlstream.Limits{MaxStanzaBytes: 4096, MaxDepth: 4})
-	header, err := parser.Next()
+	// Bytes after <starttls/> would be the client's ClientHello, which it
+	// may send only once it has <proceed/>, so nothing read here is lost.
+	r := newStreamReader(c.conn, xmlstream.Limits{MaxStanzaBytes: 4096, MaxDepth: 4})
+	defer r.release()
+	header, err := r.next()
 	if err != nil {
 		c.streamError(err)
 		return nil, err
@@ -235,11 +257,12 @@ func (c *c2sConn) startTLS() (*tls.Conn, error) {
 	c.mu.Lock()
 	c.headerSent = true
 	c.mu.Unlock()
-	el, err := parser.Next()
+	el, err := r.next()
 	if err != nil {
 		c.streamError(err)
 		return nil, err
 	}
+	r.release() // the handshake reads the blocking way
 	if xmlstream.Name(el) != "starttls" || xmlstream.Attr(el, "xmlns") != nsTLS {
 		c.streamErrorCondition("policy-violation")
 		return nil, fmt.Errorf("client sent <%s> where STARTTLS is required", xmlstream.Name(el))
@@ -248,7 +271,7 @@ func (c *c2sConn) startTLS() (*tls.Conn, error) {
 	if err := c.writeNow([]byte("<proceed xmlns='" + nsTLS + "'/>")); err != nil {
 		return nil, err
 	}
-	tc := tls.Server(c.raw, c.cfg.TLS)
+	tc := tls.Server(c.conn, c.cfg.TLS)
 	if err := tc.Handshake(); err != nil {
 		c.raw.registry.countHandshakeFailure("starttls")
 		return nil, err
@@ -263,7 +286,7 @@ func (c *c2sConn) startTLS() (*tls.Conn, error) {
 func (c *c2sConn) Write(ev etf.Term) {
 	b, err := xmlstream.AppendEvent(nil, ev)
 	if err != nil {
-		c.log.Warn("unwritable event from ejabberd; closing", zap.Error(err))
+		c.log.Warn("unwritable event from ejabberd; closing", c.connField(), zap.Error(err))
 		c.Close("bad event")
 		return
 	}
@@ -321,6 +344,15 @@ func (c *c2sConn) writeNow(b []byte) error {
 	return err
 }
 
+// overflow disconnects a client that reads slower than ejabberd writes.
+func (c *c2sConn) overflow() {
+	c.log.Info("client reads too slowly; disconnecting", c.connField(), zap.Int("limit", c.cfg.MaxPendingWrite))
+	_ = c.raw.Close()
+}
+
+// connField names the connection in a log line.
+func (c *c2sConn) connField() zap.Field { return zap.Uint64("conn", c.raw.ID) }
+
 func (c *c2sConn) setConn(conn net.Conn) {
 	c.mu.Lock()
 	c.conn = conn
@@ -348,7 +380,7 @@ func (c *c2sConn) closeConn() {
 // network errors just end the connection.
 func (c *c2sConn) streamError(err error) {
 	if cond := conditionOf(err); cond != "" {
-		c.log.Info("bad client stream", zap.Error(err))
+		c.log.Info("bad client stream", c.connField(), zap.Error(err))
 		c.streamErrorCondition(cond)
 	}
 }

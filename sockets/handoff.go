@@ -10,13 +10,10 @@ package sockets
 // until they end (see docs/ARCHITECTURE.md, "Hot upgrade").
 
 import (
-	"bytes"
 	"errors"
-	"io"
 	"net"
 	"net/netip"
 	"os"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -65,8 +62,6 @@ type MovingStream struct {
 
 	conn      *Conn
 	out       *outbox
-	writer    func([]byte) error
-	finish    func()
 	decide    chan<- bool
 	afterStop func(*StreamState) // what the writer's side adds to the state
 }
@@ -82,7 +77,7 @@ func (m *MovingStream) Moved() { m.decide <- true }
 // Resume lets the stream carry on here (the takeover failed).
 func (m *MovingStream) Resume() {
 	if m.out.isDetached() {
-		m.out.reattach(m.State.Unwritten, m.writer, m.finish)
+		m.out.reattach(m.State.Unwritten)
 	}
 	m.decide <- false
 }
@@ -189,7 +184,7 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 		cfg.Logger = zap.NewNop()
 	}
 	conn := registry.adopt(raw, st)
-	c := &c2sConn{conn: conn, raw: conn, cfg: cfg, log: cfg.Logger.With(zap.Uint64("conn", conn.ID)), headerSent: st.HeaderSent}
+	c := &c2sConn{conn: clientSocket(conn), raw: conn, cfg: cfg, log: cfg.Logger, headerSent: st.HeaderSent}
 	stream, ok := adopter.AdoptStream(st.ConnID, c)
 	if !ok {
 		_ = conn.Close()
@@ -197,51 +192,42 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 	}
 	conn.OnEnd(c.streamErrorCondition)
 	c.shaper.setRate(st.ShaperRate)
-	c.out = newOutbox(cfg.MaxPendingWrite, func() {
-		c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", cfg.MaxPendingWrite))
-		_ = conn.Close()
-	})
+	c.out = newOutbox(cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
 	for _, b := range st.Unwritten {
 		c.out.push(b)
 	}
-	parser := c.resumeParser(st.Unread, st.MaxStanza)
-	go func() {
-		defer conn.Close()
-		go c.out.run(c.write, c.closeConn)
-		defer c.out.shutdown()
-		defer stream.Close()
-		c.readStanzas(stream, parser)
-	}()
+	r, err := c.resumeReader(st.Unread, st.MaxStanza)
+	if err != nil {
+		_ = conn.Close()
+		stream.Close()
+		return err
+	}
+	go c.run(stream, r)
 	return nil
 }
 
-// tapped returns what the stream's parser reads from: for a plain TCP
-// stream, a tap that keeps the bytes past the last stanza boundary, which
-// is what lets the stream move.
-func (c *c2sConn) tapped(transport string) io.Reader {
-	if transport != "tcp" {
-		return c.conn
+// reader returns the reader of the stream proper (past TLS). A plain
+// TCP stream may move: its framer holds the bytes past the last stanza
+// boundary, which is what the next process needs.
+func (c *c2sConn) reader(transport string, limits xmlstream.Limits) *streamReader {
+	c.r = newStreamReader(c.conn, limits)
+	c.r.shaper = &c.shaper
+	if transport == "tcp" {
+		c.raw.canMove(c, nil)
 	}
-	c.tap = &tap{r: c.conn}
-	c.raw.canMove(c, nil)
-	return c.tap
+	return c.r
 }
 
-// resumeHeader puts a fresh parser inside a stream (it refuses stanzas
-// before a stream header); the event it gives is not sent on.
-const resumeHeader = "<stream:stream>"
-
-// resumeParser parses unread, then the socket, as the continuation of a
-// stream that is already open.
-func (c *c2sConn) resumeParser(unread []byte, maxStanza int64) *xmlstream.Parser {
-	c.tap = &tap{r: io.MultiReader(strings.NewReader(resumeHeader), bytes.NewReader(unread), c.raw)}
-	c.raw.canMove(c, nil)
-	p := xmlstream.NewParser(c.tap, xmlstream.Limits{MaxStanzaBytes: maxStanza})
-	// The header is the tap's first read on its own (MultiReader reads
-	// one part at a time), so this returns without touching the socket.
-	_, _ = p.Next()
-	c.tap.consumed(p.Offset())
-	return p
+// resumeReader reads a stream that is already open: unread first, then
+// the socket.
+func (c *c2sConn) resumeReader(unread []byte, maxStanza int64) (*streamReader, error) {
+	r := c.reader("tcp", xmlstream.Limits{MaxStanzaBytes: maxStanza})
+	r.framer.Resume()
+	// unread is the start of one unit: it gives no event, only state.
+	if err := r.framer.Feed(unread, r.push); err != nil {
+		return nil, err
+	}
+	return r, nil
 }
 
 func (c *c2sConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
@@ -249,8 +235,8 @@ func (c *c2sConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
 	if err != nil {
 		return nil, err
 	}
-	st.Transport, st.Unread = "tcp", c.tap.unconsumed()
-	return &MovingStream{State: st, conn: c.raw, out: c.out, writer: c.write, finish: c.closeConn,
+	st.Transport, st.Unread = "tcp", c.r.framer.Pending()
+	return &MovingStream{State: st, conn: c.raw, out: c.out,
 		decide: c.handoff.decision, afterStop: func(st *StreamState) {
 			c.mu.Lock()
 			st.HeaderSent = c.headerSent
@@ -258,14 +244,9 @@ func (c *c2sConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
 		}}, nil
 }
 
-// park runs on the reader once it stopped for a takeover; it returns the
-// parser to read on with, or nil if the stream moved.
-func (c *c2sConn) park() *xmlstream.Parser {
-	if c.handoff.park(c.raw) {
-		return nil
-	}
-	return c.resumeParser(c.tap.unconsumed(), c.handoff.maxStanza.Load())
-}
+// park runs on the reader once it stopped for a takeover; it reports
+// whether the stream moved (otherwise the reader reads on).
+func (c *c2sConn) park() bool { return c.handoff.park(c.raw) }
 
 // canMove registers the stream that may move with the connection, and
 // the tap that records its bytes (WebSocket only).
@@ -327,89 +308,8 @@ func (h *streamHandoff) park(conn *Conn) bool {
 	return moved
 }
 
-// tap keeps what the parser read from the last stanza boundary on.
-type tap struct {
-	r    io.Reader
-	base int64 // the parser's offset of buf[0]
-	buf  []byte
-}
-
-func (t *tap) Read(b []byte) (int, error) {
-	n, err := t.r.Read(b)
-	t.buf = append(t.buf, b[:n]...)
-	return n, err
-}
-
-// consumed drops what the parser has used up to offset (a boundary).
-func (t *tap) consumed(offset int64) {
-	if t == nil {
-		return
-	}
-	drop := int(offset - t.base)
-	if drop <= 0 {
-		return
-	}
-	t.buf = append(t.buf[:0], t.buf[drop:]...)
-	t.base = offset
-}
-
-func (t *tap) unconsumed() []byte { return bytes.Clone(t.buf) }
-
 // opened marks the stream as open (its reader feeds c2s), so it may move.
 func (h *streamHandoff) opened(maxStanza int64) {
 	h.maxStanza.Store(maxStanza)
 	h.running.Store(true)
-}
-
-// detach stops the writer after the message it is writing, without
-// closing the connection, and returns what it has not written. It gives
-// up after limit (a client that does not read holds the writer in a
-// write); the writer then carries on.
-func (o *outbox) detach(limit time.Duration) ([][]byte, bool) {
-	o.mu.Lock()
-	o.detaching = true
-	o.mu.Unlock()
-	o.signal()
-	select {
-	case <-o.finished:
-	case <-time.After(limit):
-		o.mu.Lock()
-		o.detaching = false
-		o.mu.Unlock()
-		return nil, false
-	}
-	return o.drain(), true
-}
-
-func (o *outbox) isDetached() bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.detaching
-}
-
-// requeueIfDetaching puts rest back at the head of the queue if the writer
-// is to stop, and reports whether it is.
-func (o *outbox) requeueIfDetaching(rest [][]byte) bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if !o.detaching {
-		return false
-	}
-	o.pending = append(append([][]byte(nil), rest...), o.pending...)
-	for _, m := range rest {
-		o.size += len(m)
-	}
-	return true
-}
-
-// reattach restarts a detached writer with pending at the head of the
-// queue (a takeover that failed).
-func (o *outbox) reattach(pending [][]byte, write func([]byte) error, finish func()) {
-	o.mu.Lock()
-	o.pending = append(append([][]byte(nil), pending...), o.pending...)
-	o.detaching = false
-	o.finished = make(chan struct{})
-	o.mu.Unlock()
-	go o.run(write, finish)
-	o.signal()
 }

@@ -1,29 +1,39 @@
 package sockets
 
-import "sync"
+import (
+	"sync"
+	"time"
+)
 
 // outbox is one client connection's queue of what ejabberd writes to it,
-// drained in order by one writer goroutine. It is bounded: the link to
-// ejabberd must never wait for a slow client, and a client that reads
-// slower than ejabberd writes must not cost unbounded memory, so past the
-// limit the connection is dropped (overflow) rather than the data.
+// written in order by at most one writer goroutine at a time. The writer
+// exists only while there is something to write: push starts it, and it
+// ends once the queue is empty, so an idle stream has no writer (a parked
+// writer goroutine costs its stack, ~3 KiB, measured in
+// docs/EVENTLOOP.md). It is bounded: the link to ejabberd must never wait
+// for a slow client, and a client that reads slower than ejabberd writes
+// must not cost unbounded memory, so past the limit the connection is
+// dropped (overflow) rather than the data.
 type outbox struct {
 	limit    int
-	overflow func() // called once, when the limit is passed
+	overflow func()             // called once, when the limit is passed
+	write    func([]byte) error // writes one message to the client
+	finish   func()             // called once, when closed and flushed or a write failed
 
 	mu      sync.Mutex
 	pending [][]byte
 	size    int
 	closing bool
+	done    bool // finish has been called: nothing more is written
+	running bool // a writer goroutine is draining the queue
 	// detaching stops the writer without closing the connection: it moves
 	// to a new sidecar process (handoff.go).
 	detaching bool
-	wake      chan struct{}
-	finished  chan struct{}
+	idle      chan struct{} // closed when the running writer exits; made by whoever waits
 }
 
-func newOutbox(limit int, overflow func()) *outbox {
-	return &outbox{limit: limit, overflow: overflow, wake: make(chan struct{}, 1), finished: make(chan struct{})}
+func newOutbox(limit int, overflow func(), write func([]byte) error, finish func()) *outbox {
+	return &outbox{limit: limit, overflow: overflow, write: write, finish: finish}
 }
 
 // push queues one message; after close it is ignored.
@@ -39,19 +49,28 @@ func (o *outbox) push(b []byte) {
 	if over {
 		o.closing, o.pending, o.size = true, nil, 0
 	}
+	o.startWriterLocked()
 	o.mu.Unlock()
 	if over {
 		o.overflow()
 	}
-	o.signal()
 }
 
 // close lets the writer flush what is queued, then end.
 func (o *outbox) close() {
 	o.mu.Lock()
 	o.closing = true
+	o.startWriterLocked()
 	o.mu.Unlock()
-	o.signal()
+}
+
+// startWriterLocked starts a writer if there is work and none runs.
+func (o *outbox) startWriterLocked() {
+	if o.running || o.detaching || o.done || (len(o.pending) == 0 && !o.closing) {
+		return
+	}
+	o.running = true
+	go o.run()
 }
 
 func (o *outbox) isClosing() bool {
@@ -69,46 +88,137 @@ func (o *outbox) drain() [][]byte {
 	return out
 }
 
-func (o *outbox) signal() {
-	select {
-	case o.wake <- struct{}{}:
-	default:
-	}
-}
-
-// run is the writer: it writes each message in order, and calls finish
-// when the outbox is closed and flushed or a write fails.
-func (o *outbox) run(write func([]byte) error, finish func()) {
-	defer close(o.finished)
+// run is the writer: it writes each message in order until the queue is
+// empty, and calls finish when the outbox is closed and flushed or a
+// write fails.
+func (o *outbox) run() {
 	for {
-		<-o.wake
 		o.mu.Lock()
 		if o.detaching {
+			o.exitLocked()
 			o.mu.Unlock()
 			return
 		}
-		out, closing := o.pending, o.closing
+		out := o.pending
 		o.pending, o.size = nil, 0
+		if len(out) == 0 {
+			finish := o.closing && !o.done
+			o.done = o.done || finish
+			o.exitLocked()
+			o.mu.Unlock()
+			if finish {
+				o.finish()
+			}
+			return
+		}
 		o.mu.Unlock()
 		for i, m := range out {
 			if o.requeueIfDetaching(out[i:]) {
+				break // the next round sees detaching and exits
+			}
+			if err := o.write(m); err != nil {
+				o.mu.Lock()
+				o.closing, o.done, o.pending, o.size = true, true, nil, 0
+				o.exitLocked()
+				o.mu.Unlock()
+				o.finish()
 				return
 			}
-			if err := write(m); err != nil {
-				finish()
-				return
-			}
-		}
-		if closing {
-			finish()
-			return
 		}
 	}
 }
 
-// shutdown closes the outbox and waits for the writer to finish (bounded
-// by the write deadline the write function sets).
+// exitLocked marks the writer gone and wakes whoever waits for that.
+func (o *outbox) exitLocked() {
+	o.running = false
+	if o.idle != nil {
+		close(o.idle)
+		o.idle = nil
+	}
+}
+
+// waitIdle waits until no writer runs, at most limit (0: as long as it
+// takes); it reports whether none does.
+func (o *outbox) waitIdle(limit time.Duration) bool {
+	o.mu.Lock()
+	if !o.running {
+		o.mu.Unlock()
+		return true
+	}
+	if o.idle == nil {
+		o.idle = make(chan struct{})
+	}
+	idle := o.idle
+	o.mu.Unlock()
+	if limit <= 0 {
+		<-idle
+		return true
+	}
+	t := time.NewTimer(limit)
+	defer t.Stop()
+	select {
+	case <-idle:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+// shutdown closes the outbox and waits for the writer to flush it
+// (bounded by the write deadline the write function sets).
 func (o *outbox) shutdown() {
 	o.close()
-	<-o.finished
+	o.waitIdle(0)
+}
+
+// detach stops the writer after the message it is writing, without
+// closing the connection, and returns what it has not written. It gives
+// up after limit (a client that does not read holds the writer in a
+// write); the writer then carries on.
+func (o *outbox) detach(limit time.Duration) ([][]byte, bool) {
+	o.mu.Lock()
+	o.detaching = true
+	o.mu.Unlock()
+	if !o.waitIdle(limit) {
+		o.mu.Lock()
+		o.detaching = false
+		o.startWriterLocked() // in case it stopped just now
+		o.mu.Unlock()
+		return nil, false
+	}
+	return o.drain(), true
+}
+
+func (o *outbox) isDetached() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.detaching
+}
+
+// requeueIfDetaching puts rest back at the head of the queue if the writer
+// is to stop, and reports whether it is.
+func (o *outbox) requeueIfDetaching(rest [][]byte) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if !o.detaching {
+		return false
+	}
+	o.pending = append(append([][]byte(nil), rest...), o.pending...)
+	for _, m := range rest {
+		o.size += len(m)
+	}
+	return true
+}
+
+// reattach lets a detached outbox write again, with pending at the head of
+// the queue (a takeover that failed).
+func (o *outbox) reattach(pending [][]byte) {
+	o.mu.Lock()
+	o.pending = append(append([][]byte(nil), pending...), o.pending...)
+	for _, m := range pending {
+		o.size += len(m)
+	}
+	o.detaching = false
+	o.startWriterLocked()
+	o.mu.Unlock()
 }

@@ -21,8 +21,12 @@ type shaper struct {
 
 func (s *shaper) setRate(bytesPerSec int64) { s.rate.Store(bytesPerSec) }
 
-// delay returns how long to pause after n bytes were read.
+// delay returns how long to pause after n bytes were read; a nil shaper
+// (a stream c2s does not run yet) never pauses.
 func (s *shaper) delay(n int) time.Duration {
+	if s == nil {
+		return 0
+	}
 	rate := float64(s.rate.Load())
 	if rate <= 0 {
 		return 0

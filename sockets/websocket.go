@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -34,12 +35,23 @@ type WebSocketHandler struct {
 // NewWebSocketHandler returns the handler.
 func NewWebSocketHandler(cfg WebSocketConfig, backend StreamBackend) *WebSocketHandler {
 	return &WebSocketHandler{cfg: cfg.withDefaults(), backend: backend, upgrader: websocket.Upgrader{
-		Subprotocols: []string{"xmpp"},
+		Subprotocols:    []string{"xmpp"},
+		ReadBufferSize:  wsReadBufferSize,
+		WriteBufferPool: wsWriteBuffers,
 		// Browser clients of any origin may connect, as with ejabberd's
 		// own /ws; authentication is XMPP's business.
 		CheckOrigin: func(*http.Request) bool { return true },
 	}}
 }
+
+// An idle WebSocket should hold little: gorilla keeps its read buffer for
+// the life of the connection (by default the 4 KiB one net/http read the
+// upgrade with), so it gets a small one of its own (large messages are
+// read past it, straight into the message), and takes a write buffer
+// from a shared pool only while it writes a message.
+const wsReadBufferSize = 512
+
+var wsWriteBuffers = &sync.Pool{}
 
 func (cfg WebSocketConfig) withDefaults() WebSocketConfig {
 	if cfg.MaxPendingWrite <= 0 {
@@ -85,12 +97,11 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		maxStanza = xmlstream.DefaultMaxStanzaBytes
 	}
 	ws.SetReadLimit(maxStanza + 1024)
-	c := &wsConn{ws: ws, conn: conn, cfg: h.cfg, log: h.cfg.Logger.With(zap.Uint64("conn", conn.ID))}
+	c := &wsConn{ws: ws, conn: conn, cfg: h.cfg, log: h.cfg.Logger}
 	c.startTap()
 	conn.SetTransport("websocket")
 	conn.OnEnd(c.streamError)
-	c.out = newOutbox(h.cfg.MaxPendingWrite, c.overflow)
-	go c.out.run(c.write, c.closeConn)
+	c.out = newOutbox(h.cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
 	defer c.out.shutdown()
 
 	limits := xmlstream.Limits{MaxStanzaBytes: maxStanza}
@@ -108,7 +119,7 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	stream, err := h.backend.OpenStream(ctx, etf.C2SOpen{ConnID: conn.ID, Transport: "websocket", Peer: conn.Peer, Local: local}, c)
 	cancel()
 	if err != nil {
-		c.log.Info("ejabberd did not take the stream", zap.Error(err))
+		c.log.Info("ejabberd did not take the stream", c.connField(), zap.Error(err))
 		c.streamError("remote-connection-failed")
 		return
 	}
@@ -139,7 +150,7 @@ type wsConn struct {
 	ws   *websocket.Conn
 	conn *Conn
 	cfg  WebSocketConfig
-	log  *zap.Logger
+	log  *zap.Logger // shared; call sites add connField (see c2sConn.log)
 
 	out    *outbox
 	shaper shaper
@@ -148,9 +159,12 @@ type wsConn struct {
 	handoff streamHandoff
 }
 
+// connField names the connection in a log line.
+func (c *wsConn) connField() zap.Field { return zap.Uint64("conn", c.conn.ID) }
+
 // overflow disconnects a client that reads slower than ejabberd writes.
 func (c *wsConn) overflow() {
-	c.log.Info("client reads too slowly; disconnecting", zap.Int("limit", c.cfg.MaxPendingWrite))
+	c.log.Info("client reads too slowly; disconnecting", c.connField(), zap.Int("limit", c.cfg.MaxPendingWrite))
 	_ = c.conn.Close()
 }
 
@@ -182,7 +196,7 @@ func (c *wsConn) readEvent(limits xmlstream.Limits) (etf.Term, error) {
 	}
 	el, err := xmlstream.ParseElement(msg, limits)
 	if err != nil {
-		c.log.Info("bad WebSocket message", zap.Error(err))
+		c.log.Info("bad WebSocket message", c.connField(), zap.Error(err))
 		if cond := conditionOf(err); cond != "" {
 			c.streamError(cond)
 		}
@@ -195,7 +209,7 @@ func (c *wsConn) readEvent(limits xmlstream.Limits) (etf.Term, error) {
 func (c *wsConn) Write(ev etf.Term) {
 	b, ok, err := xmlstream.AppendWebSocketMessage(nil, ev)
 	if err != nil {
-		c.log.Warn("unwritable event from ejabberd; closing", zap.Error(err))
+		c.log.Warn("unwritable event from ejabberd; closing", c.connField(), zap.Error(err))
 		c.Close("bad event")
 		return
 	}

@@ -182,7 +182,8 @@ func (c *wsConn) resumeWebSocket(unread []byte, maxStanza int64) error {
 		"Sec-Websocket-Key":      {"bWVnYXBob25lIHJlc3VtZQ=="},
 		"Sec-Websocket-Protocol": {"xmpp"},
 	}}
-	up := websocket.Upgrader{Subprotocols: []string{"xmpp"}, CheckOrigin: func(*http.Request) bool { return true }}
+	up := websocket.Upgrader{Subprotocols: []string{"xmpp"}, ReadBufferSize: wsReadBufferSize, WriteBufferPool: wsWriteBuffers,
+		CheckOrigin: func(*http.Request) bool { return true }}
 	ws, err := up.Upgrade(&hijacked{header: http.Header{}, conn: &resumedConn{Conn: c.conn, unread: unread}}, req, nil)
 	if err != nil {
 		return err
@@ -234,7 +235,7 @@ func (c *wsConn) pauseForHandoff(deadline time.Time) (*MovingStream, error) {
 		return nil, err
 	}
 	st.Transport = "websocket"
-	return &MovingStream{State: st, conn: c.conn, out: c.out, writer: c.write, finish: c.closeConn,
+	return &MovingStream{State: st, conn: c.conn, out: c.out,
 		decide: c.handoff.decision}, nil
 }
 
@@ -252,11 +253,11 @@ func (c *wsConn) parkWebSocket(maxStanza int64) bool {
 		if !stopped {
 			err = errors.New("the client is not reading")
 		} else if err = c.resumeWebSocket(unread, maxStanza); err == nil {
-			c.out.reattach(pending, c.write, c.closeConn)
+			c.out.reattach(pending)
 			return true
 		}
 	}
-	c.log.Info("WebSocket stream cannot read on after a failed takeover; closing", zap.Error(err))
+	c.log.Info("WebSocket stream cannot read on after a failed takeover; closing", c.connField(), zap.Error(err))
 	_ = c.conn.Close()
 	return false
 }
@@ -266,7 +267,7 @@ func (c *wsConn) parkWebSocket(maxStanza int64) bool {
 func AdoptWebSocket(registry *Registry, cfg WebSocketConfig, adopter StreamAdopter, st StreamState, raw net.Conn) error {
 	cfg = cfg.withDefaults()
 	conn := registry.adopt(raw, st)
-	c := &wsConn{conn: conn, cfg: cfg, log: cfg.Logger.With(zap.Uint64("conn", conn.ID))}
+	c := &wsConn{conn: conn, cfg: cfg, log: cfg.Logger}
 	if err := c.resumeWebSocket(st.Unread, st.MaxStanza); err != nil {
 		_ = conn.Close()
 		return err
@@ -290,9 +291,8 @@ func AdoptWebSocket(registry *Registry, cfg WebSocketConfig, adopter StreamAdopt
 func (c *wsConn) start(st StreamState) {
 	c.conn.OnEnd(c.streamError)
 	c.shaper.setRate(st.ShaperRate)
-	c.out = newOutbox(c.cfg.MaxPendingWrite, c.overflow)
+	c.out = newOutbox(c.cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
 	for _, b := range st.Unwritten {
 		c.out.push(b)
 	}
-	go c.out.run(c.write, c.closeConn)
 }

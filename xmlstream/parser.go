@@ -53,15 +53,19 @@ const DefaultMaxStanzaBytes = 64 << 10
 
 // NewParser reads a stream from r.
 func NewParser(r io.Reader, limits Limits) *Parser {
-	if limits.MaxStanzaBytes <= 0 {
-		limits.MaxStanzaBytes = DefaultMaxStanzaBytes
-	}
-	if limits.MaxDepth <= 0 {
-		limits.MaxDepth = 64
-	}
 	src := &countingReader{r: r}
-	p := &Parser{src: src, limits: limits}
+	p := &Parser{src: src, limits: limits.withDefaults()}
 	p.dec = xml.NewDecoder(src)
+	p.dec.Strict = true
+	return p
+}
+
+// newUnitParser parses one complete unit the Framer found, in memory:
+// encoding/xml reads a *bytes.Reader (an io.ByteReader) directly, with no
+// 4 KiB bufio of its own, and the unit's length is bounded already.
+func newUnitParser(unit []byte, started bool, limits Limits) *Parser {
+	p := &Parser{limits: limits, started: started}
+	p.dec = xml.NewDecoder(bytes.NewReader(unit))
 	p.dec.Strict = true
 	return p
 }
@@ -90,7 +94,9 @@ func (p *Parser) Next() (etf.Term, error) {
 		}
 		// A stanza that keeps growing is cut before it is buffered whole:
 		// the reader refuses to run far past the limit.
-		p.src.limit = p.stanzaStart + p.limits.MaxStanzaBytes + 8192 // + the decoder's read-ahead
+		if p.src != nil {
+			p.src.limit = p.stanzaStart + p.limits.MaxStanzaBytes + 8192 // + the decoder's read-ahead
+		}
 		tok, err := p.dec.RawToken()
 		if err != nil {
 			switch {
@@ -99,13 +105,13 @@ func (p *Parser) Next() (etf.Term, error) {
 			case err == io.EOF && len(p.stack) == 0:
 				return nil, io.EOF
 			case err == io.EOF:
-				return nil, fmt.Errorf("%w: stream ended inside a stanza", ErrNotWellFormed)
-			case p.src.err != nil && errors.Is(err, p.src.err):
+				return nil, fmt.Errorf("%w: %w", ErrNotWellFormed, errUnitEnded)
+			case p.src != nil && p.src.err != nil && errors.Is(err, p.src.err):
 				return nil, err // the connection failed, not the XML
 			}
 			// Syntax errors, and the decoder's plain ones (an XML
 			// declaration with an unknown version or encoding).
-			return nil, fmt.Errorf("%w: %v", ErrNotWellFormed, err)
+			return nil, fmt.Errorf("%w: %w", ErrNotWellFormed, err)
 		}
 		if p.dec.InputOffset()-p.stanzaStart > p.limits.MaxStanzaBytes {
 			return nil, fmt.Errorf("%w: stanza over %d bytes", ErrPolicyViolation, p.limits.MaxStanzaBytes)
@@ -195,7 +201,10 @@ func attrs(as []xml.Attr) etf.List {
 	return l
 }
 
-var errOverLimit = errors.New("over the stanza limit")
+var (
+	errOverLimit = errors.New("over the stanza limit")
+	errUnitEnded = errors.New("stream ended inside a stanza")
+)
 
 // countingReader counts what the decoder has read and, while limit is
 // set, refuses to read past it.
@@ -231,8 +240,7 @@ func ParseElement(b []byte, limits Limits) (etf.Term, error) {
 	if limits.MaxStanzaBytes > 0 && int64(len(b)) > limits.MaxStanzaBytes {
 		return nil, fmt.Errorf("%w: message over %d bytes", ErrPolicyViolation, limits.MaxStanzaBytes)
 	}
-	p := NewParser(bytes.NewReader(b), limits)
-	p.started = true // no stream header around a framed element
+	p := newUnitParser(b, true, limits.withDefaults()) // started: no stream header around a framed element
 	el, err := p.Next()
 	if err == io.EOF {
 		return nil, fmt.Errorf("%w: empty message", ErrNotWellFormed)
