@@ -49,10 +49,13 @@ eunit:
 	$(REBAR3) eunit
 
 # Integration tests start their own ejabberd nodes and npm clients; they
-# find the sidecar binary and the shim through these variables.
+# find the sidecar binary and the shim through these variables. Tests that
+# mostly wait for timeouts run four at a time once the others are done
+# (waitsOnTimers in test/main_test.go); -timeout is a guard against a hang,
+# not the budget.
 integration: build
 	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
-		$(GO) test -count=1 -timeout 18m -v ./test/...
+		$(GO) test -count=1 -timeout 30m -parallel 4 -v ./test/...
 	# The benchmark and its scale run at a tiny size (about 2 minutes), so that they keep working.
 	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) \
 		$(GO) test -count=1 -timeout 10m ./cmd/megaphone-bench/...

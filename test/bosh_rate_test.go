@@ -21,6 +21,7 @@ const boshSessionsExpr = `length([P || P <- erlang:processes(),
 // from the sidecar, and its session ends in ejabberd at once; a Strophe
 // client chatting through the same sidecar meanwhile is unaffected.
 func TestBOSHOveractiveSessionIsCut(t *testing.T) {
+	waitsOnTimers(t)
 	ej := startEjabberd(t, harness.Options{})
 	admin := freeAddr(t)
 	sc := startSidecar(t, ej, "", "--admin-addr", admin)

@@ -109,6 +109,7 @@ func testSidecarKilledAndRestartedMidChat(t *testing.T, tg target) {
 // ejabberd's own listener), and only then starts counting inactivity; so a
 // session ends after wait + max_inactivity.
 func TestSidecarGoneSessionsEndByInactivity(t *testing.T) {
+	waitsOnTimers(t)
 	forEachTarget(t, testSidecarGoneSessionsEndByInactivity)
 }
 

@@ -270,6 +270,7 @@ func loginSteps(user, open string, expect func(send, until string)) {
 // disconnected once its bounded queue in the sidecar is full; the sidecar's
 // memory stays bounded and other clients chat on.
 func TestXMPPClientThatNeverReads(t *testing.T) {
+	waitsOnTimers(t)
 	ej := startEjabberd(t, harness.Options{})
 	registerCarol(t, ej)
 	sc := startStreamSidecar(t, ej)

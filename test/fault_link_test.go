@@ -145,12 +145,14 @@ func settleGoroutines(t *testing.T, admin string, base, margin int) {
 // the sidecar re-attaches, new logins work, and its goroutines, sockets
 // and ejabberd's processes return to their baselines.
 func TestDistributionLinkDroppedMidTraffic(t *testing.T) {
+	waitsOnTimers(t)
 	testLinkDropped(t, func(t *testing.T, ej *harness.Ejabberd, sc *streamSidecar) {
 		eval(t, ej, `erlang:disconnect_node('`+sc.name+`')`)
 	})
 }
 
 func TestDistributionSocketDestroyedMidTraffic(t *testing.T) {
+	waitsOnTimers(t)
 	if _, err := exec.LookPath("ss"); err != nil {
 		t.Skip("no ss (iproute2) to destroy the socket with")
 	}

@@ -18,6 +18,7 @@ import (
 // can no longer reach, survives, re-attaches once ejabberd runs again,
 // and new logins work; neither side keeps anything of the old streams.
 func TestEjabberdPausedPastTickTime(t *testing.T) {
+	waitsOnTimers(t)
 	if testing.Short() {
 		t.Skip("pauses ejabberd for a quarter of a minute")
 	}

@@ -60,6 +60,7 @@ func dialTCP(t *testing.T, addr string) net.Conn {
 // with a 400; headers over --http-max-header-bytes (4 KiB here) get 431.
 // A real client chats through the same sidecar meanwhile.
 func TestBOSHSlowClientsAreCut(t *testing.T) {
+	waitsOnTimers(t)
 	ej := startEjabberd(t, harness.Options{})
 	sc := startSidecar(t, ej, "", "--http-header-timeout", "3s", "--http-read-timeout", "8s",
 		"--http-max-header-bytes", "4096")
@@ -107,6 +108,7 @@ func TestBOSHSlowClientsAreCut(t *testing.T) {
 // is answered 504 at that bound, whatever `wait` the client asked for,
 // and the shim drops the request: no worker is left on ejabberd.
 func TestBOSHWaitBoundedAtTheEdge(t *testing.T) {
+	waitsOnTimers(t)
 	ej := startEjabberd(t, harness.Options{})
 	sc := startSidecar(t, ej, "", "--max-wait", "3s")
 	const ns = "http://jabber.org/protocol/httpbind"
@@ -142,6 +144,7 @@ func TestBOSHWaitBoundedAtTheEdge(t *testing.T) {
 // the header, before STARTTLS, inside the TLS handshake after <proceed/>,
 // and on a WebSocket that never sends <open/>. A real pair chats meanwhile.
 func TestStreamOpeningStallsAreCut(t *testing.T) {
+	waitsOnTimers(t)
 	ej := startEjabberd(t, harness.Options{})
 	sc := startStreamSidecar(t, ej, "--handshake-timeout", "2s")
 	bystanders := xmppChat(t, "xmpps://"+sc.c2sTLS, "--mode", "live", "--duration", "10", "--timeout", "60")
@@ -229,6 +232,7 @@ func wsLogin(t *testing.T, url, user string) *websocket.Conn {
 // it is disconnected once its bounded queue in the sidecar is full, as a
 // TCP one is (TestXMPPClientThatNeverReads); other clients chat on.
 func TestWebSocketClientThatNeverReads(t *testing.T) {
+	waitsOnTimers(t)
 	ej := startEjabberd(t, harness.Options{})
 	registerCarol(t, ej)
 	sc := startStreamSidecar(t, ej)
@@ -275,6 +279,7 @@ func floodUser(t *testing.T, ej *harness.Ejabberd, jid string) {
 // sidecar: the client gets the stream error, and the sidecar lets go of
 // its socket.
 func TestIdleUnauthenticatedStreamIsClosed(t *testing.T) {
+	waitsOnTimers(t)
 	ej := startEjabberd(t, harness.Options{ExtraConfig: "negotiation_timeout: 3\n"})
 	sc := startStreamSidecar(t, ej)
 	fds := sc.openFiles(t)

@@ -210,6 +210,14 @@ const leftoverExpr = `length([P || P <- erlang:processes(),
     end])`
 
 // freeAddr returns a free loopback address to listen on.
+// waitsOnTimers marks a test that spends most of its time waiting for a
+// timeout to fire (inactivity, tick time, stall and write timeouts) rather
+// than computing. Such tests run side by side (go test -parallel, see the
+// Makefile's integration target) once the others are done, which keeps
+// make test within its budget on two cores. Each still has its own
+// ejabberd node, sidecar and ports.
+func waitsOnTimers(t *testing.T) { t.Parallel() }
+
 func freeAddr(t *testing.T) string {
 	t.Helper()
 	p, err := harness.FreePort()

@@ -352,6 +352,7 @@ func TestSIGTERMDrains(t *testing.T) {
 // is free: as when a new sidecar takes over from an old one that still
 // holds it.
 func TestAdminAddressFreedLater(t *testing.T) {
+	waitsOnTimers(t)
 	ej := startEjabberd(t, harness.Options{})
 	port, err := harness.FreePort()
 	if err != nil {

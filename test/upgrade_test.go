@@ -140,8 +140,15 @@ type upgradeRun struct {
 	sessionsQuery string
 }
 
-// upgradeSeconds is how long each pair sends, 10 messages a second.
-const upgradeSeconds = 24
+// upgradeCapSeconds caps how long each pair sends, 10 messages a second.
+// The pairs send until finish signals them (SIGUSR2), so that their chat
+// spans the upgrade however slowly a loaded box gets there; they must have
+// sent at least upgradeMinMessages by then (the upgrade's steps sleep 15 s
+// in all while the pairs chat).
+const (
+	upgradeCapSeconds  = 150
+	upgradeMinMessages = 50
+)
 
 func newUpgradeRun(t *testing.T, tg target, withTLS bool) *upgradeRun {
 	u := &upgradeRun{t: t, ej: tg.startEjabberd(t, harness.Options{}),
@@ -184,8 +191,8 @@ func newUpgradeRun(t *testing.T, tg target, withTLS bool) *upgradeRun {
 // waits until all are logged in.
 func (u *upgradeRun) clients(pairs map[string][]string) {
 	t := u.t
-	live := []string{"--password", demoPassword, "--mode", "live", "--duration", fmt.Sprint(upgradeSeconds),
-		"--interval-ms", "100", "--settle", "5", "--timeout", "90"}
+	live := []string{"--password", demoPassword, "--mode", "live", "--duration", fmt.Sprint(upgradeCapSeconds),
+		"--until-signal", "--interval-ms", "100", "--settle", "5", "--timeout", fmt.Sprint(upgradeCapSeconds+60)}
 	u.live = make(map[string]*nodeClient)
 	for name, args := range pairs {
 		u.live[name] = startNodeClient(t, append(args, live...)...)
@@ -303,6 +310,9 @@ func (u *upgradeRun) checkPidsKept() {
 // finish waits for the pairs and checks what every upgrade must keep.
 func (u *upgradeRun) finish() {
 	t := u.t
+	for _, c := range u.live {
+		_ = c.cmd.Process.Signal(syscall.SIGUSR2) // started by this test
+	}
 	for name, c := range u.live {
 		var res struct {
 			clientResult
@@ -316,7 +326,7 @@ func (u *upgradeRun) finish() {
 		if !res.OK {
 			t.Errorf("%s: %s\n%s", name, res.Error, tail(c.stderr.String(), 40))
 		}
-		if want := upgradeSeconds * 10; res.Sent["a"] < want-2 || res.Received["b"] != res.Sent["a"] {
+		if res.Sent["a"] < upgradeMinMessages || res.Received["b"] != res.Sent["a"] {
 			t.Errorf("%s: sent %v, received %v", name, res.Sent, res.Received)
 		}
 		// Status 0 is a request the network failed, e.g. on a keep-alive

@@ -30,7 +30,7 @@ import { StropheClient, STROPHE_OPTION_SPECS, stropheOptions } from './strophe_c
 
 const USAGE = `usage: node bosh_chat.mjs --url http://127.0.0.1:PORT/bosh --a alice@localhost --b bob@localhost
          [--password PW | env DEMO_PASSWORD] [--mode chat|live] [--count 100]
-         [--duration SECONDS] [--interval-ms 200] [--settle SECONDS]
+         [--duration SECONDS] [--interval-ms 200] [--settle SECONDS] [--until-signal]
          [--timeout SECONDS] [--wait SECONDS] [--max-retries N] [--pace-ms MS]
          [--address full|bare] [--tolerate-unexpected] [--local-address 127.x.y.z] [--debug] [--strophe-log debug|info|warn|error|fatal]
          [--flush-every N]`;

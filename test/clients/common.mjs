@@ -62,6 +62,7 @@ export function chatOptionSpecs(paceMs) {
         duration: { type: 'string', default: '20' },
         'interval-ms': { type: 'string', default: '200' },
         settle: { type: 'string', default: '10' },
+        'until-signal': { type: 'boolean', default: false },
         timeout: { type: 'string' },
         address: { type: 'string', default: 'full' },
         'local-address': { type: 'string' },
@@ -82,8 +83,8 @@ export function parseCommandLine(argv, options, usage) {
 
 /**
  * The chatOptionSpecs() values, checked (--a/--b are the script's business):
- * {password, mode, count, paceMs, duration, intervalMs, settle, address,
- * localAddress, debug}. Call chatTimeout() once the mode is known.
+ * {password, mode, count, paceMs, duration, intervalMs, settle, untilSignal,
+ * address, localAddress, debug}. Call chatTimeout() once the mode is known.
  */
 export function chatOptions(values) {
     const num = (name, min, max) => numberOption(values, name, min, max);
@@ -103,6 +104,7 @@ export function chatOptions(values) {
         duration: num('duration', 1, 3600),
         intervalMs: num('interval-ms', 10, 60000),
         settle: num('settle', 0, 600),
+        untilSignal: values['until-signal'],
         address: values.address,
         localAddress,
         debug: values.debug,
@@ -346,7 +348,9 @@ export async function runChat(run) {
  * live: READY on stdout, then a sends one message to b every opts.intervalMs
  * for opts.duration s (b checks in-order, gap-free, duplicate-free delivery),
  * up to opts.settle s for stragglers, roster, logout. The clients must be
- * logged in (loginBoth).
+ * logged in (loginBoth). With opts.untilSignal, a stops sending early on
+ * SIGUSR2 (--duration is then a cap): a test that must span an event sends
+ * until the event is over, however slowly the box runs.
  *
  * hooks (all optional, may be async):
  *   start()          right after READY (e.g. schedule a connection drop)
@@ -358,12 +362,22 @@ export async function runLive(run, hooks = {}) {
     const { opts } = run;
     const { a, b } = run.clients;
     run.phase = 'live';
+    let stopRequested = false;
+    // Installed before READY, so that an early signal cannot end the process
+    // (SIGUSR2's default action).
+    if (opts.untilSignal) {
+        process.once('SIGUSR2', () => {
+            stopRequested = true;
+            run.note('SIGUSR2: a stops sending');
+        });
+    }
     process.stdout.write('READY\n');
-    const total = Math.max(1, Math.floor((opts.duration * 1000) / opts.intervalMs));
-    run.note(`READY; a sends ${total} messages to b, one every ${opts.intervalMs} ms`);
+    const cap = Math.max(1, Math.floor((opts.duration * 1000) / opts.intervalMs));
+    run.note(`READY; a sends ${opts.untilSignal ? 'until SIGUSR2, at most ' : ''}${cap} messages to b, one every ${opts.intervalMs} ms`);
     await hooks.start?.();
     const start = Date.now();
-    for (let n = 1; n <= total && !run.finished; n++) {
+    let total = 0; // messages a has sent
+    for (let n = 1; n <= cap && !run.finished && !stopRequested; n++) {
         const due = start + (n - 1) * opts.intervalMs;
         const now = Date.now();
         if (due > now) await delay(due - now);
@@ -371,8 +385,9 @@ export async function runLive(run, hooks = {}) {
         await hooks.beforeSend?.(n);
         if (run.finished) return;
         await a.sendChat(n);
+        total = n;
         if (n % Math.max(1, Math.round(5000 / opts.intervalMs)) === 0) {
-            run.note(`live: sent ${n}/${total}, b received ${b.rx.count}`);
+            run.note(`live: sent ${n}/${cap}, b received ${b.rx.count}`);
         }
     }
     run.phase = 'settle';

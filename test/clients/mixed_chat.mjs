@@ -35,7 +35,7 @@ const USAGE = `usage: node mixed_chat.mjs --bosh-url http://127.0.0.1:PORT/bosh
          --service xmpp://127.0.0.1:PORT|xmpps://127.0.0.1:PORT|ws://127.0.0.1:PORT/ws
          --domain localhost --a alice --b bob [--password PW | env DEMO_PASSWORD]
          [--mode chat|live] [--count 100] [--pace-ms 5] [--duration SECONDS] [--interval-ms 200]
-         [--settle SECONDS] [--timeout SECONDS] [--address full|bare] [--local-address 127.x.y.z] [--debug]
+         [--settle SECONDS] [--until-signal] [--timeout SECONDS] [--address full|bare] [--local-address 127.x.y.z] [--debug]
          a (Strophe.js, BOSH):    [--wait SECONDS] [--max-retries N] [--tolerate-unexpected]
                                   [--strophe-log debug|info|warn|error|fatal] [--flush-every N]
          b (@xmpp/client, XMPP):  [--step-timeout-ms 10000] [--starttls required|optional]

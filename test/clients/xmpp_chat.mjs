@@ -70,7 +70,7 @@ import {
 const USAGE = `usage: node xmpp_chat.mjs --service xmpp://127.0.0.1:PORT|xmpps://127.0.0.1:PORT|ws://127.0.0.1:PORT/ws
          --domain localhost --a alice --b bob [--password PW | env DEMO_PASSWORD]
          [--mode chat|live] [--count 100] [--pace-ms 0] [--duration SECONDS] [--interval-ms 200]
-         [--settle SECONDS] [--timeout SECONDS] [--step-timeout-ms 10000]
+         [--settle SECONDS] [--until-signal] [--timeout SECONDS] [--step-timeout-ms 10000]
          [--starttls required|optional] [--insecure] [--ca FILE.pem]
          [--address full|bare] [--sm auto|off] [--local-address 127.x.y.z] [--debug]
          [--drop-at SECONDS [--drop-side a|b]]   (live mode: drop a connection, resume it)`;
