@@ -195,6 +195,10 @@ func scaleRamp(ctx context.Context, c config, s *scaleConfig, megaphone bool, ta
 		BOSHInactivity: boshInactivity,
 		// One c2s process a session, and the node's own besides.
 		MaxProcesses: max(250000, 2*target+100000),
+		// ejabberd's caches (users, sessions' last activity, ...) hold
+		// 1000 entries by default; at 100,000 sessions it logged that they
+		// shrink all the time. A production node this size raises it too.
+		ExtraConfig: fmt.Sprintf("cache_size: %d\n", r.users),
 	})
 	if err != nil {
 		return r, err
