@@ -202,7 +202,9 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 		stream.Close()
 		return err
 	}
-	go c.run(stream, r)
+	c.stream = stream
+	r.parkWhenIdle(c)
+	go c.run()
 	return nil
 }
 
@@ -270,9 +272,11 @@ func (h *streamHandoff) stopReader(conn *Conn, out *outbox, shaper *shaper, dead
 }
 
 // pause asks the stream's reader to stop at its next boundary: a read
-// deadline in the past ends the read it waits in. The reader re-arms no
-// deadline of its own, but a read may be under way, so it is set until
-// the reader has parked, within deadline.
+// deadline in the past ends the read it waits in, and a stream waiting in
+// the poller is given a reader, which meets that deadline. The reader
+// re-arms no deadline of its own, but a read may be under way (or the
+// reader may park just after the wake-up), so both are repeated until the
+// reader has stopped, within deadline.
 func (h *streamHandoff) pause(conn *Conn, deadline time.Time) error {
 	if !h.running.Load() {
 		return errors.New("stream not open")
@@ -282,6 +286,7 @@ func (h *streamHandoff) pause(conn *Conn, deadline time.Time) error {
 	h.requested.Store(true)
 	for {
 		_ = conn.SetReadDeadline(time.Now().Add(-time.Second))
+		conn.wakeReader()
 		select {
 		case <-h.parked:
 			return nil

@@ -25,6 +25,9 @@ type streamReader struct {
 	// when direct, less than it asked for), so wait before reading again.
 	poll            *pollingConn
 	direct, drained bool
+	// parks: once drained between two units, the reader gives its socket
+	// to the poller and ends (next returns errParked) instead of waiting.
+	parks bool
 
 	queue  []etf.Term // events of the last read not handed out yet
 	err    error      // what ended the last read, once the queue is out
@@ -38,6 +41,24 @@ func newStreamReader(conn net.Conn, limits xmlstream.Limits) *streamReader {
 		r.poll.polling.Store(true)
 	}
 	return r
+}
+
+// errParked: the reader gave its socket to the poller; the goroutine that
+// got it must end without touching the stream, whose next reader the
+// poller starts.
+var errParked = errors.New("the stream waits in the poller")
+
+// parkWhenIdle lets the reader give its socket to the poller when it has
+// nothing to read, with owner's readOn to run once there is input. Only an
+// open stream parks: before c2s runs, the reader is the goroutine that
+// opens the stream, and the handshake deadline bounds its reads.
+func (r *streamReader) parkWhenIdle(owner parkedReader) {
+	if r.poll != nil {
+		r.poll.mu.Lock()
+		r.poll.owner = owner
+		r.poll.mu.Unlock()
+		r.parks = true
+	}
 }
 
 func (r *streamReader) push(ev etf.Term) error {
@@ -67,6 +88,16 @@ func (r *streamReader) next() (etf.Term, error) {
 			return nil, err
 		}
 		if r.poll != nil && r.drained {
+			if r.parks && r.framer.Idle() {
+				// The next reader reads first: it runs because there is
+				// input, or to find the socket closed or a takeover's
+				// deadline. Set before parking: once parked, r is its.
+				r.drained = false
+				if r.poll.park() {
+					return nil, errParked
+				}
+				r.drained = true
+			}
 			if err := r.poll.waitReadable(); err != nil {
 				r.err = err
 				continue
