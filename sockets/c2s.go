@@ -89,7 +89,7 @@ func ServeC2S(lis *Listener, cfg C2SConfig, backend StreamBackend, directTLS boo
 			return err
 		}
 		conn := c.(*Conn)
-		go serveC2SConn(conn, cfg, backend, directTLS)
+		go serveC2SConn(conn, &cfg, backend, directTLS)
 	}
 }
 
@@ -98,7 +98,7 @@ func ServeC2S(lis *Listener, cfg C2SConfig, backend StreamBackend, directTLS boo
 type c2sConn struct {
 	conn net.Conn // the client socket (a pollingConn where it can be, TLS-wrapped once negotiated)
 	raw  *Conn
-	cfg  C2SConfig
+	cfg  *C2SConfig // the listener's, shared by its streams
 	// log is the listener's logger, shared: a child logger per connection
 	// (Logger.With) costs ~1.4 KiB each, so call sites add connField.
 	log *zap.Logger
@@ -114,11 +114,11 @@ type c2sConn struct {
 	handoff streamHandoff
 }
 
-func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS bool) {
+func serveC2SConn(raw *Conn, cfg *C2SConfig, backend StreamBackend, directTLS bool) {
 	c := &c2sConn{conn: clientSocket(raw), raw: raw, cfg: cfg, log: cfg.Logger}
 	raw.SetTransport("tcp")
 	raw.OnEnd(c.streamErrorCondition)
-	c.out = newOutbox(cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
+	c.out = newOutbox(cfg.MaxPendingWrite, c)
 	stream, r := c.open(backend, directTLS)
 	if stream == nil {
 		c.out.shutdown()

@@ -184,7 +184,7 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 		cfg.Logger = zap.NewNop()
 	}
 	conn := registry.adopt(raw, st)
-	c := &c2sConn{conn: clientSocket(conn), raw: conn, cfg: cfg, log: cfg.Logger, headerSent: st.HeaderSent}
+	c := &c2sConn{conn: clientSocket(conn), raw: conn, cfg: &cfg, log: cfg.Logger, headerSent: st.HeaderSent}
 	stream, ok := adopter.AdoptStream(st.ConnID, c)
 	if !ok {
 		_ = conn.Close()
@@ -192,7 +192,7 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 	}
 	conn.OnEnd(c.streamErrorCondition)
 	c.shaper.setRate(st.ShaperRate)
-	c.out = newOutbox(cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
+	c.out = newOutbox(cfg.MaxPendingWrite, c)
 	for _, b := range st.Unwritten {
 		c.out.push(b)
 	}

@@ -79,7 +79,7 @@ func (r *streamReader) next() (etf.Term, error) {
 			r.queue = r.queue[1:]
 			return ev, nil
 		}
-		r.queue = r.queue[:0:0]
+		r.queue = nil // an idle stream keeps no array (a burst grows it)
 		if r.broken != nil {
 			return nil, r.broken
 		}
