@@ -80,6 +80,10 @@ func ServeC2S(lis *Listener, cfg C2SConfig, backend StreamBackend, directTLS boo
 	if directTLS && cfg.TLS == nil {
 		return errors.New("direct TLS needs a certificate")
 	}
+	// The poller's descriptor and goroutine come with the listener, not
+	// with its first idle stream: they are part of the process's baseline.
+	// Without one, streams wait the way they did before it (waitReadable).
+	_, _ = idlePoller()
 	for {
 		c, err := lis.Accept()
 		if err != nil {
