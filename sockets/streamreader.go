@@ -105,12 +105,19 @@ func (r *streamReader) next() (etf.Term, error) {
 		}
 		buf := readBufs.Get().(*[]byte)
 		n, err := r.conn.Read(*buf)
-		if errors.Is(err, errWouldBlock) { // TLS had no whole record: wait for more
+		blocked := errors.Is(err, errWouldBlock)
+		if blocked && n == 0 { // TLS had no whole record: wait for more
 			readBufs.Put(buf)
 			r.drained = true
 			continue
 		}
-		r.drained = r.direct && n < len(*buf)
+		if blocked {
+			// crypto/tls hands out what it decrypted together with the
+			// error of reading on, when a partial alert record follows
+			// it: the bytes count, the error only says "wait".
+			err = nil
+		}
+		r.drained = blocked || (r.direct && n < len(*buf))
 		if n > 0 {
 			if ferr := r.framer.Feed((*buf)[:n], r.push); ferr != nil {
 				err, r.broken = ferr, ferr
