@@ -80,6 +80,10 @@ func ServeC2S(lis *Listener, cfg C2SConfig, backend StreamBackend, directTLS boo
 	if directTLS && cfg.TLS == nil {
 		return errors.New("direct TLS needs a certificate")
 	}
+	// The poller's descriptor and goroutine come with the listener, not
+	// with its first idle stream: they are part of the process's baseline.
+	// Without one, streams wait the way they did before it (waitReadable).
+	_, _ = idlePoller()
 	for {
 		c, err := lis.Accept()
 		if err != nil {
@@ -89,7 +93,7 @@ func ServeC2S(lis *Listener, cfg C2SConfig, backend StreamBackend, directTLS boo
 			return err
 		}
 		conn := c.(*Conn)
-		go serveC2SConn(conn, cfg, backend, directTLS)
+		go serveC2SConn(conn, &cfg, backend, directTLS)
 	}
 }
 
@@ -98,7 +102,7 @@ func ServeC2S(lis *Listener, cfg C2SConfig, backend StreamBackend, directTLS boo
 type c2sConn struct {
 	conn net.Conn // the client socket (a pollingConn where it can be, TLS-wrapped once negotiated)
 	raw  *Conn
-	cfg  C2SConfig
+	cfg  *C2SConfig // the listener's, shared by its streams
 	// log is the listener's logger, shared: a child logger per connection
 	// (Logger.With) costs ~1.4 KiB each, so call sites add connField.
 	log *zap.Logger
@@ -110,26 +114,28 @@ type c2sConn struct {
 	shaper     shaper
 
 	r       *streamReader // the stream's reader once it is past TLS; its framer holds a takeover's unread bytes
+	stream  Stream        // c2s, once the stream is open
 	handoff streamHandoff
 }
 
-func serveC2SConn(raw *Conn, cfg C2SConfig, backend StreamBackend, directTLS bool) {
+func serveC2SConn(raw *Conn, cfg *C2SConfig, backend StreamBackend, directTLS bool) {
 	c := &c2sConn{conn: clientSocket(raw), raw: raw, cfg: cfg, log: cfg.Logger}
 	raw.SetTransport("tcp")
 	raw.OnEnd(c.streamErrorCondition)
-	c.out = newOutbox(cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
+	c.out = newOutbox(cfg.MaxPendingWrite, c)
 	stream, r := c.open(backend, directTLS)
 	if stream == nil {
 		c.out.shutdown()
 		_ = raw.Close()
 		return
 	}
+	c.stream = stream
+	r.parkWhenIdle(c)
 	// The open stream is read on a goroutine of its own, started from a
 	// shallow frame: the deep stack of the TLS handshake and the opening
-	// ends with this one, and the new reader parks in frames small enough
-	// for the runtime to shrink its stack to the minimum at the next GC
-	// (measured: an idle reader parked under this function kept 8 KiB).
-	go c.run(stream, r)
+	// ends with this one. That reader, and every one after it, ends once
+	// the stream is idle; the poller starts the next (poller.go).
+	go c.run()
 }
 
 // open takes a new connection through TLS and the stream header to a
@@ -188,46 +194,57 @@ func (c *c2sConn) open(backend StreamBackend, directTLS bool) (Stream, *streamRe
 	return stream, r
 }
 
-// run reads an open stream until it ends or moves, then lets go of it.
-func (c *c2sConn) run(stream Stream, r *streamReader) {
-	defer c.raw.Close()
-	defer c.out.shutdown()
-	defer r.release()
-	defer stream.Close()
-	c.readStanzas(stream, r)
+// run reads an open stream until it ends or moves, then lets go of it;
+// or until it is idle: it then waits in the poller, which calls readOn
+// once there is input.
+func (c *c2sConn) run() {
+	if c.readStanzas() {
+		return // parked: the stream is the next reader's now
+	}
+	c.stream.Close()
+	c.r.release()
+	c.out.shutdown()
+	_ = c.raw.Close()
 }
 
-// readStanzas hands the client's stanzas to c2s until the stream ends, or
-// it moves to a new sidecar process (handoff.go).
-func (c *c2sConn) readStanzas(stream Stream, r *streamReader) {
+// readOn runs the stream's next reader, on a goroutine of its own
+// (parkedReader).
+func (c *c2sConn) readOn() { c.run() }
+
+// readStanzas hands the client's stanzas to c2s until the stream ends, it
+// moves to a new sidecar process (handoff.go), or it parks; it reports
+// whether it parked.
+func (c *c2sConn) readStanzas() (parked bool) {
 	for {
-		err := c.pumpStanzas(stream, r)
+		err := c.pumpStanzas()
 		switch {
+		case errors.Is(err, errParked):
+			return true
 		case err == nil:
-			return
+			return false
 		case c.handoff.requested.Load():
 			if c.park() {
-				return // the stream has moved
+				return false // the stream has moved
 			}
 		case !errors.Is(err, io.EOF) && !c.out.isClosing():
 			c.streamError(err)
-			return
+			return false
 		default:
-			return
+			return false
 		}
 	}
 }
 
-// pumpStanzas returns the read error that stopped it, or nil once it has
-// ended the stream itself.
-func (c *c2sConn) pumpStanzas(stream Stream, r *streamReader) error {
-	c.handoff.opened(stream.MaxStanzaBytes())
+// pumpStanzas returns the read error that stopped it (errParked: the
+// stream is idle), or nil once it has ended the stream itself.
+func (c *c2sConn) pumpStanzas() error {
+	c.handoff.opened(c.stream.MaxStanzaBytes())
 	for {
-		ev, err := r.next()
+		ev, err := c.r.next()
 		if err != nil {
 			return err
 		}
-		if err := stream.Send([]etf.Term{ev}); err != nil {
+		if err := c.stream.Send([]etf.Term{ev}); err != nil {
 			c.streamErrorCondition("remote-connection-failed")
 			return nil
 		}

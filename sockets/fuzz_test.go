@@ -62,7 +62,7 @@ func FuzzC2SNegotiation(f *testing.F) {
 		served := make(chan struct{})
 		go func() {
 			defer close(served)
-			serveC2SConn(conn, cfg, backend, false)
+			serveC2SConn(conn, &cfg, backend, false)
 		}()
 
 		_ = client.SetDeadline(time.Now().Add(5 * time.Second))

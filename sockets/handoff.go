@@ -184,7 +184,7 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 		cfg.Logger = zap.NewNop()
 	}
 	conn := registry.adopt(raw, st)
-	c := &c2sConn{conn: clientSocket(conn), raw: conn, cfg: cfg, log: cfg.Logger, headerSent: st.HeaderSent}
+	c := &c2sConn{conn: clientSocket(conn), raw: conn, cfg: &cfg, log: cfg.Logger, headerSent: st.HeaderSent}
 	stream, ok := adopter.AdoptStream(st.ConnID, c)
 	if !ok {
 		_ = conn.Close()
@@ -192,7 +192,7 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 	}
 	conn.OnEnd(c.streamErrorCondition)
 	c.shaper.setRate(st.ShaperRate)
-	c.out = newOutbox(cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
+	c.out = newOutbox(cfg.MaxPendingWrite, c)
 	for _, b := range st.Unwritten {
 		c.out.push(b)
 	}
@@ -202,7 +202,9 @@ func AdoptC2S(registry *Registry, cfg C2SConfig, adopter StreamAdopter, st Strea
 		stream.Close()
 		return err
 	}
-	go c.run(stream, r)
+	c.stream = stream
+	r.parkWhenIdle(c)
+	go c.run()
 	return nil
 }
 
@@ -270,9 +272,11 @@ func (h *streamHandoff) stopReader(conn *Conn, out *outbox, shaper *shaper, dead
 }
 
 // pause asks the stream's reader to stop at its next boundary: a read
-// deadline in the past ends the read it waits in. The reader re-arms no
-// deadline of its own, but a read may be under way, so it is set until
-// the reader has parked, within deadline.
+// deadline in the past ends the read it waits in, and a stream waiting in
+// the poller is given a reader, which meets that deadline. The reader
+// re-arms no deadline of its own, but a read may be under way (or the
+// reader may park just after the wake-up), so both are repeated until the
+// reader has stopped, within deadline.
 func (h *streamHandoff) pause(conn *Conn, deadline time.Time) error {
 	if !h.running.Load() {
 		return errors.New("stream not open")
@@ -282,6 +286,7 @@ func (h *streamHandoff) pause(conn *Conn, deadline time.Time) error {
 	h.requested.Store(true)
 	for {
 		_ = conn.SetReadDeadline(time.Now().Add(-time.Second))
+		conn.wakeReader()
 		select {
 		case <-h.parked:
 			return nil

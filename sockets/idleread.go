@@ -12,14 +12,15 @@ import (
 
 // An idle stream should cost almost nothing, so its reader must not wait
 // in a Read: a blocked Read holds the buffer it reads into for as long as
-// the client is quiet. Instead the reader waits for the socket to become
-// readable holding no buffer (waitReadable), then takes a pooled buffer,
-// reads what is there without blocking (pollingConn), frames it, and
-// gives the buffer back. It stays one goroutine per stream, blocked in
-// the runtime's poller: that blocking is still what stops a stream for
-// the shaper, for a busy link and, with a read deadline in the past, for
-// a takeover. A goroutine parked in a shallow frame also lets the
-// runtime shrink its stack at the next GC.
+// the client is quiet. Instead the reader takes a pooled buffer only once
+// the socket is readable, reads what is there without blocking
+// (pollingConn), frames it, and gives the buffer back. Once an open
+// stream's socket is drained between two units, its reader ends and the
+// socket waits in the process's poller (poller.go) with no goroutine at
+// all; before that (the stream header, a unit half read) the reader waits
+// in waitReadable, holding no buffer. A reader that runs is still what
+// stops a stream for the shaper and for a busy link: it is not parked
+// until Send has returned and the shaper's pause is over.
 
 // pollingConn is a client socket whose reads, once polling is on, never
 // wait: with nothing to read they fail with errWouldBlock. crypto/tls
@@ -31,6 +32,12 @@ type pollingConn struct {
 	*Conn
 	raw     syscall.RawConn
 	polling atomic.Bool
+
+	// Parking in the poller (poller.go).
+	mu    sync.Mutex
+	state uint8        // readerRunning, readerParked or readerClosed
+	token uint64       // the socket's token in the poller; 0: not registered
+	owner parkedReader // what a wake-up runs; nil: never parked
 }
 
 // clientSocket returns the socket a stream reads and writes: a
@@ -45,7 +52,9 @@ func clientSocket(c *Conn) net.Conn {
 	if err != nil {
 		return c
 	}
-	return &pollingConn{Conn: c, raw: raw}
+	p := &pollingConn{Conn: c, raw: raw}
+	c.poll.Store(p) // Close takes the socket out of the poller first
+	return p
 }
 
 // pollingSocket finds the pollingConn under conn, if there is one, and

@@ -83,6 +83,9 @@ type Conn struct {
 	once     sync.Once
 
 	bytesIn, bytesOut atomic.Uint64
+	// poll is the stream's non-blocking side, whose socket may wait in the
+	// poller (poller.go); nil for HTTP and WebSocket connections.
+	poll atomic.Pointer[pollingConn]
 
 	mu        sync.Mutex
 	transport string
@@ -111,11 +114,26 @@ func (c *Conn) Write(b []byte) (int, error) {
 	return n, err
 }
 
-// Close closes the connection and frees its place in the registry.
+// Close closes the connection and frees its place in the registry. A
+// socket waiting in the poller leaves it first (its descriptor number may
+// be reused as soon as it is closed), and the stream gets a reader that
+// sees it closed.
 func (c *Conn) Close() error {
+	if p := c.poll.Load(); p != nil {
+		p.leave()
+	}
 	err := c.Conn.Close()
 	c.once.Do(func() { c.registry.release(c) })
 	return err
+}
+
+// wakeReader gives a stream whose socket waits in the poller a reader
+// now, without waiting for input (a takeover stops streams through their
+// reader).
+func (c *Conn) wakeReader() {
+	if p := c.poll.Load(); p != nil {
+		p.unpark()
+	}
 }
 
 // Limits returns the limits in force for the connection's registry.

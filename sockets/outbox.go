@@ -15,16 +15,14 @@ import (
 // must not cost unbounded memory, so past the limit the connection is
 // dropped (overflow) rather than the data.
 type outbox struct {
-	limit    int
-	overflow func()             // called once, when the limit is passed
-	write    func([]byte) error // writes one message to the client
-	finish   func()             // called once, when closed and flushed or a write failed
+	limit  int
+	client outboxClient
 
 	mu      sync.Mutex
 	pending [][]byte
 	size    int
 	closing bool
-	done    bool // finish has been called: nothing more is written
+	done    bool // the connection was closed (closeConn): nothing more is written
 	running bool // a writer goroutine is draining the queue
 	// detaching stops the writer without closing the connection: it moves
 	// to a new sidecar process (handoff.go).
@@ -32,8 +30,17 @@ type outbox struct {
 	idle      chan struct{} // closed when the running writer exits; made by whoever waits
 }
 
-func newOutbox(limit int, overflow func(), write func([]byte) error, finish func()) *outbox {
-	return &outbox{limit: limit, overflow: overflow, write: write, finish: finish}
+// outboxClient is the connection an outbox writes to. An interface rather
+// than three funcs: method values would be three more allocations per
+// stream.
+type outboxClient interface {
+	write(b []byte) error // writes one message to the client
+	overflow()            // called once, when the limit is passed
+	closeConn()           // called once, when closed and flushed or a write failed
+}
+
+func newOutbox(limit int, client outboxClient) *outbox {
+	return &outbox{limit: limit, client: client}
 }
 
 // push queues one message; after close it is ignored.
@@ -52,7 +59,7 @@ func (o *outbox) push(b []byte) {
 	o.startWriterLocked()
 	o.mu.Unlock()
 	if over {
-		o.overflow()
+		o.client.overflow()
 	}
 }
 
@@ -89,7 +96,7 @@ func (o *outbox) drain() [][]byte {
 }
 
 // run is the writer: it writes each message in order until the queue is
-// empty, and calls finish when the outbox is closed and flushed or a
+// empty, and closes the connection when the outbox is closed and flushed or a
 // write fails.
 func (o *outbox) run() {
 	for {
@@ -107,7 +114,7 @@ func (o *outbox) run() {
 			o.exitLocked()
 			o.mu.Unlock()
 			if finish {
-				o.finish()
+				o.client.closeConn()
 			}
 			return
 		}
@@ -116,12 +123,12 @@ func (o *outbox) run() {
 			if o.requeueIfDetaching(out[i:]) {
 				break // the next round sees detaching and exits
 			}
-			if err := o.write(m); err != nil {
+			if err := o.client.write(m); err != nil {
 				o.mu.Lock()
 				o.closing, o.done, o.pending, o.size = true, true, nil, 0
 				o.exitLocked()
 				o.mu.Unlock()
-				o.finish()
+				o.client.closeConn()
 				return
 			}
 		}

@@ -34,6 +34,17 @@ func (r *recorder) written() []string {
 	return append([]string(nil), r.got...)
 }
 
+// outboxFuncs is an outbox's client made of the test's funcs.
+type outboxFuncs struct {
+	overflowFn func()
+	writeFn    func([]byte) error
+	finishFn   func()
+}
+
+func (f outboxFuncs) write(b []byte) error { return f.writeFn(b) }
+func (f outboxFuncs) overflow()            { f.overflowFn() }
+func (f outboxFuncs) closeConn()           { f.finishFn() }
+
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	for deadline := time.Now().Add(5 * time.Second); !cond(); {
@@ -49,7 +60,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 func TestOutboxWriterOnDemandKeepsOrder(t *testing.T) {
 	r := &recorder{}
 	finished := make(chan struct{})
-	o := newOutbox(1<<20, func() { t.Error("overflow") }, r.write, func() { close(finished) })
+	o := newOutbox(1<<20, outboxFuncs{func() { t.Error("overflow") }, r.write, func() { close(finished) }})
 	var want []string
 	for round := 0; round < 50; round++ {
 		for i := 0; i < round%7+1; i++ {
@@ -83,7 +94,7 @@ func TestOutboxOverflowDropsTheClient(t *testing.T) {
 	r := &recorder{gate: make(chan struct{}), started: make(chan struct{}, 1)}
 	overflowed := make(chan struct{})
 	finished := make(chan struct{})
-	o := newOutbox(10, func() { close(overflowed) }, r.write, func() { close(finished) })
+	o := newOutbox(10, outboxFuncs{func() { close(overflowed) }, r.write, func() { close(finished) }})
 	o.push([]byte("first"))
 	<-r.started // the writer holds "first" in a write the client does not take
 	o.push([]byte("12345"))
@@ -109,7 +120,7 @@ func TestOutboxOverflowDropsTheClient(t *testing.T) {
 func TestOutboxDetachAndReattach(t *testing.T) {
 	r := &recorder{gate: make(chan struct{}), started: make(chan struct{}, 4)}
 	finished := make(chan struct{})
-	o := newOutbox(1<<20, func() { t.Error("overflow") }, r.write, func() { close(finished) })
+	o := newOutbox(1<<20, outboxFuncs{func() { t.Error("overflow") }, r.write, func() { close(finished) }})
 	o.push([]byte("a"))
 	<-r.started
 	o.push([]byte("b"))

@@ -25,6 +25,9 @@ type streamReader struct {
 	// when direct, less than it asked for), so wait before reading again.
 	poll            *pollingConn
 	direct, drained bool
+	// parks: once drained between two units, the reader gives its socket
+	// to the poller and ends (next returns errParked) instead of waiting.
+	parks bool
 
 	queue  []etf.Term // events of the last read not handed out yet
 	err    error      // what ended the last read, once the queue is out
@@ -38,6 +41,24 @@ func newStreamReader(conn net.Conn, limits xmlstream.Limits) *streamReader {
 		r.poll.polling.Store(true)
 	}
 	return r
+}
+
+// errParked: the reader gave its socket to the poller; the goroutine that
+// got it must end without touching the stream, whose next reader the
+// poller starts.
+var errParked = errors.New("the stream waits in the poller")
+
+// parkWhenIdle lets the reader give its socket to the poller when it has
+// nothing to read, with owner's readOn to run once there is input. Only an
+// open stream parks: before c2s runs, the reader is the goroutine that
+// opens the stream, and the handshake deadline bounds its reads.
+func (r *streamReader) parkWhenIdle(owner parkedReader) {
+	if r.poll != nil {
+		r.poll.mu.Lock()
+		r.poll.owner = owner
+		r.poll.mu.Unlock()
+		r.parks = true
+	}
 }
 
 func (r *streamReader) push(ev etf.Term) error {
@@ -58,7 +79,7 @@ func (r *streamReader) next() (etf.Term, error) {
 			r.queue = r.queue[1:]
 			return ev, nil
 		}
-		r.queue = r.queue[:0:0]
+		r.queue = nil // an idle stream keeps no array (a burst grows it)
 		if r.broken != nil {
 			return nil, r.broken
 		}
@@ -67,6 +88,16 @@ func (r *streamReader) next() (etf.Term, error) {
 			return nil, err
 		}
 		if r.poll != nil && r.drained {
+			if r.parks && r.framer.Idle() {
+				// The next reader reads first: it runs because there is
+				// input, or to find the socket closed or a takeover's
+				// deadline. Set before parking: once parked, r is its.
+				r.drained = false
+				if r.poll.park() {
+					return nil, errParked
+				}
+				r.drained = true
+			}
 			if err := r.poll.waitReadable(); err != nil {
 				r.err = err
 				continue
@@ -74,12 +105,19 @@ func (r *streamReader) next() (etf.Term, error) {
 		}
 		buf := readBufs.Get().(*[]byte)
 		n, err := r.conn.Read(*buf)
-		if errors.Is(err, errWouldBlock) { // TLS had no whole record: wait for more
+		blocked := errors.Is(err, errWouldBlock)
+		if blocked && n == 0 { // TLS had no whole record: wait for more
 			readBufs.Put(buf)
 			r.drained = true
 			continue
 		}
-		r.drained = r.direct && n < len(*buf)
+		if blocked {
+			// crypto/tls hands out what it decrypted together with the
+			// error of reading on, when a partial alert record follows
+			// it: the bytes count, the error only says "wait".
+			err = nil
+		}
+		r.drained = blocked || (r.direct && n < len(*buf))
 		if n > 0 {
 			if ferr := r.framer.Feed((*buf)[:n], r.push); ferr != nil {
 				err, r.broken = ferr, ferr

@@ -101,7 +101,7 @@ func (h *WebSocketHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c.startTap()
 	conn.SetTransport("websocket")
 	conn.OnEnd(c.streamError)
-	c.out = newOutbox(h.cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
+	c.out = newOutbox(h.cfg.MaxPendingWrite, c)
 	defer c.out.shutdown()
 
 	limits := xmlstream.Limits{MaxStanzaBytes: maxStanza}

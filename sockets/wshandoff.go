@@ -291,7 +291,7 @@ func AdoptWebSocket(registry *Registry, cfg WebSocketConfig, adopter StreamAdopt
 func (c *wsConn) start(st StreamState) {
 	c.conn.OnEnd(c.streamError)
 	c.shaper.setRate(st.ShaperRate)
-	c.out = newOutbox(c.cfg.MaxPendingWrite, c.overflow, c.write, c.closeConn)
+	c.out = newOutbox(c.cfg.MaxPendingWrite, c)
 	for _, b := range st.Unwritten {
 		c.out.push(b)
 	}
