@@ -121,6 +121,12 @@ func (c *Conn) Close() error {
 // Limits returns the limits in force for the connection's registry.
 func (c *Conn) Limits() Limits { return c.registry.Limits() }
 
+// NewStreamID hands out an ID from the sequence connection IDs come from,
+// for a stream that outlives the connection it began on (a BOSH session
+// served at the edge spans many HTTP connections): it never equals a
+// connection's ID, so the two cannot be mixed up on the bridge.
+func (c *Conn) NewStreamID() uint64 { return c.registry.lastID.Add(1) }
+
 // SetTransport names the protocol the connection speaks: tcp, tls,
 // websocket or bosh.
 func (c *Conn) SetTransport(t string) {

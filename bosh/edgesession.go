@@ -1,0 +1,595 @@
+package bosh
+
+import (
+	"context"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/megaphone-im/megaphone/etf"
+	"github.com/megaphone-im/megaphone/sockets"
+	"github.com/megaphone-im/megaphone/xmlstream"
+)
+
+// edgeSession is one BOSH session served at the edge, and the sink of its
+// c2s stream: what c2s writes waits in out until a held request takes it.
+//
+// Locking: mu guards the state; it is held only briefly, never while
+// writing to the link (a busy link must not hold up the link's reader,
+// which delivers c2s's output here). Input for c2s is queued in inQ under
+// mu and sent by flushIn under sendMu, which keeps it in rid order.
+type edgeSession struct {
+	front *edgeFront
+	sid   string
+	host  string
+	// xmppVersion is the client's xmpp:version: with 1.0 or later, c2s's
+	// stream header is answered together with the features that follow.
+	xmppVersion    string
+	wait           time.Duration
+	hold, requests int
+	polling        bool // wait=0 and hold=0: requests must be edgePolling apart
+	inactivity     time.Duration
+	acks           bool
+
+	stream sockets.Stream
+	sendMu sync.Mutex
+
+	mu sync.Mutex
+	// prevRID is the last rid processed, highRID the highest seen.
+	prevRID, highRID uint64
+	key              string
+	lastPoll         time.Time
+	held             []*edgeWaiter          // processed requests waiting for output, in rid order
+	parked           map[uint64]*edgeWaiter // requests ahead of prevRID+1, waiting for the gap to fill
+	out              []etf.Term             // c2s's output not yet answered
+	inQ              []etf.Term             // input for c2s not yet sent
+	closeAfterInput  bool                   // close the c2s stream once inQ is sent
+	responses        map[uint64][]byte      // the last answers, for a re-sent rid
+	answeredRIDs     []uint64
+	ended            bool
+	final            []byte // the terminate for the client's next request, when none was held as the session ended
+	inactive         *time.Timer
+}
+
+// edgeWaiter is one HTTP request of a session, waiting for its answer.
+type edgeWaiter struct {
+	rid    uint64
+	req    *edgeRequest // set while parked
+	create bool         // its answer carries the session's attributes
+	ch     chan []byte  // the answer; room for one
+	timer  *time.Timer  // the wait timer while held
+	done   bool         // answered
+	gone   bool         // its client hung up; the answer is only kept for a re-send
+}
+
+func (s *edgeSession) newWaiter(rid uint64) *edgeWaiter {
+	return &edgeWaiter{rid: rid, ch: make(chan []byte, 1)}
+}
+
+// handle runs one request of the session and returns its answer.
+func (s *edgeSession) handle(ctx context.Context, req edgeRequest) edgeAnswer {
+	s.mu.Lock()
+	if s.ended {
+		// The session ended while no request was held: its terminate
+		// (with c2s's last words) goes to this request.
+		final := s.final
+		s.mu.Unlock()
+		s.front.remove(s)
+		if final == nil {
+			return terminateAnswer("item-not-found")
+		}
+		return okAnswer(final)
+	}
+	if limit := s.stream.MaxStanzaBytes(); limit > 0 && int64(req.size) > limit {
+		// As ejabberd_bosh: a body over c2s's max_stanza_size is refused.
+		s.mu.Unlock()
+		return edgeAnswer{status: 403, body: []byte("Request Too Large\n")}
+	}
+	s.highRID = max(s.highRID, req.rid)
+	var w *edgeWaiter
+	switch {
+	case req.rid > s.prevRID+uint64(s.requests):
+		s.mu.Unlock()
+		return s.endByClientError("item-not-found")
+	case req.rid <= s.prevRID:
+		if body, ok := s.responses[req.rid]; ok {
+			s.mu.Unlock()
+			return okAnswer(body) // a re-send: the same answer again
+		}
+		i := slices.IndexFunc(s.held, func(h *edgeWaiter) bool { return h.rid == req.rid })
+		if i < 0 {
+			s.mu.Unlock()
+			return s.endByClientError("item-not-found")
+		}
+		// A re-send of a held request (its connection dropped): this
+		// one waits in its place.
+		old := s.held[i]
+		w = s.newWaiter(req.rid)
+		w.create, w.timer = old.create, old.timer
+		old.timer = nil
+		s.held[i] = w
+		old.done = true
+		old.ch <- []byte(emptyBody)
+		if w.timer != nil {
+			w.timer.Stop()
+			s.startWaitTimer(w)
+		}
+	case req.rid > s.prevRID+1:
+		w = s.newWaiter(req.rid)
+		w.req = &req
+		if prev := s.parked[req.rid]; prev != nil {
+			prev.done = true
+			prev.ch <- []byte(emptyBody)
+		}
+		s.parked[req.rid] = w
+		s.stopInactivity()
+	default:
+		w = s.newWaiter(req.rid)
+		s.process(req, w)
+		for !s.ended {
+			next := s.parked[s.prevRID+1]
+			if next == nil {
+				break
+			}
+			delete(s.parked, next.rid)
+			s.process(*next.req, next)
+			next.req = nil
+		}
+	}
+	s.mu.Unlock()
+	s.flushIn()
+	return s.await(ctx, w)
+}
+
+// process takes the request that is next in rid order. mu is held.
+func (s *edgeSession) process(req edgeRequest, w *edgeWaiter) {
+	if !validKey(s.key, req.key) {
+		s.endLocked(w, "item-not-found")
+		return
+	}
+	now := time.Now()
+	if s.polling && now.Sub(s.lastPoll) < edgePolling*time.Second {
+		s.endLocked(w, "policy-violation")
+		return
+	}
+	s.lastPoll = now
+	if req.newKey != "" {
+		s.key = req.newKey
+	} else {
+		s.key = req.key
+	}
+	s.prevRID = req.rid
+	s.stopInactivity()
+	if req.restart {
+		to, version := req.to, req.xmppVersion
+		if to == "" {
+			to = s.host
+		}
+		if version == "" {
+			version = s.xmppVersion
+		}
+		s.inQ = append(s.inQ, streamStart(to, version))
+	} else {
+		s.inQ = append(s.inQ, req.els...)
+	}
+	switch {
+	case req.typ == "terminate":
+		// The client ends the session: c2s gets the stream's end (after
+		// the payload), then the close; this request gets what c2s had
+		// written, and the held ones an empty terminate.
+		s.inQ = append(s.inQ, streamEnd())
+		s.closeAfterInput = true
+		s.answer(w, s.body(w, nil, true), true)
+		s.finish()
+	case req.pause > 0:
+		// XEP-0124 §10: every request is answered now, and the session
+		// waits up to the pause for the next.
+		pause := min(time.Duration(req.pause)*time.Second, s.front.cfg.MaxPause)
+		for len(s.held) > 0 {
+			s.release(s.held[0])
+		}
+		s.answer(w, s.body(w, nil, false), false)
+		s.startInactivity(pause)
+	default:
+		s.hold1(w)
+	}
+}
+
+// hold1 makes w a held request, answering the ones over hold and any
+// output waiting. The creation request is always held: its answer waits
+// for c2s's stream header and features, as in ejabberd_bosh. mu is held.
+func (s *edgeSession) hold1(w *edgeWaiter) {
+	i, _ := slices.BinarySearchFunc(s.held, w.rid, func(h *edgeWaiter, rid uint64) int {
+		return cmpU64(h.rid, rid)
+	})
+	s.held = slices.Insert(s.held, i, w)
+	s.startWaitTimer(w)
+	for len(s.held) > s.hold && !(len(s.held) == 1 && w.create) {
+		s.release(s.held[0])
+	}
+	s.deliver()
+}
+
+func cmpU64(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+func (s *edgeSession) startWaitTimer(w *edgeWaiter) {
+	w.timer = time.AfterFunc(s.wait, func() {
+		s.mu.Lock()
+		if !w.done && !s.ended {
+			s.release(w)
+		}
+		s.mu.Unlock()
+	})
+}
+
+// deliver answers the oldest held request if c2s's output is ready.
+// mu is held.
+func (s *edgeSession) deliver() {
+	if len(s.held) > 0 && s.outReady() {
+		s.release(s.held[0])
+	}
+}
+
+// outReady says whether out is worth an answer: a stream header alone
+// waits for the features c2s sends next (XMPP 1.0), as in ejabberd_bosh.
+func (s *edgeSession) outReady() bool {
+	for _, ev := range s.out {
+		if !isEvent(ev, "xmlstreamstart") || s.xmppVersion < "1.0" {
+			return true
+		}
+	}
+	return false
+}
+
+// release answers a held request with what c2s has written (perhaps
+// nothing). mu is held.
+func (s *edgeSession) release(w *edgeWaiter) {
+	var out []etf.Term
+	if s.outReady() {
+		out, s.out = s.out, nil
+	}
+	s.answer(w, s.body(w, out, false), false)
+}
+
+// answer hands w its answer and keeps it for a re-send. mu is held.
+func (s *edgeSession) answer(w *edgeWaiter, body []byte, terminate bool) {
+	if w.done {
+		return
+	}
+	w.done = true
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+	if i := slices.Index(s.held, w); i >= 0 {
+		s.held = slices.Delete(s.held, i, i+1)
+	}
+	s.responses[w.rid] = body
+	s.answeredRIDs = append(s.answeredRIDs, w.rid)
+	for len(s.answeredRIDs) > s.requests {
+		delete(s.responses, s.answeredRIDs[0])
+		s.answeredRIDs = s.answeredRIDs[1:]
+	}
+	w.ch <- body
+	if !terminate && !s.ended && len(s.held) == 0 && len(s.parked) == 0 && s.inactive == nil {
+		s.startInactivity(s.inactivity)
+	}
+}
+
+// await waits for w's answer, or for its client to hang up.
+func (s *edgeSession) await(ctx context.Context, w *edgeWaiter) edgeAnswer {
+	select {
+	case body := <-w.ch:
+		return okAnswer(body)
+	case <-ctx.Done():
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	select {
+	case body := <-w.ch:
+		return okAnswer(body) // answered as the client left: kept for its re-send too
+	default:
+	}
+	if s.parked[w.rid] == w {
+		// Not taken yet: the client sends it again.
+		delete(s.parked, w.rid)
+	} else {
+		// Taken: its answer is kept for the client's re-send, and
+		// until then the request counts as held.
+		w.gone = true
+	}
+	return edgeAnswer{}
+}
+
+func (s *edgeSession) stopInactivity() {
+	if s.inactive != nil {
+		s.inactive.Stop()
+		s.inactive = nil
+	}
+}
+
+// startInactivity ends the session if no request comes within d.
+func (s *edgeSession) startInactivity(d time.Duration) {
+	s.stopInactivity()
+	var t *time.Timer
+	t = time.AfterFunc(d, func() {
+		s.mu.Lock()
+		if s.inactive != t {
+			s.mu.Unlock()
+			return
+		}
+		s.inactive = nil
+		wasEnded := s.ended
+		s.ended = true
+		s.mu.Unlock()
+		s.front.remove(s)
+		if !wasEnded {
+			// The client is gone: c2s ends as when a socket closes.
+			s.stream.Close()
+		}
+	})
+	s.inactive = t
+}
+
+// flushIn sends c2s what requests have queued, in order.
+func (s *edgeSession) flushIn() {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	s.mu.Lock()
+	in, closeAfter := s.inQ, s.closeAfterInput
+	s.inQ, s.closeAfterInput = nil, false
+	s.mu.Unlock()
+	if len(in) > 0 {
+		if err := s.stream.Send(in); err != nil {
+			s.endByServer("remote-connection-failed", true)
+			return
+		}
+	}
+	if closeAfter {
+		s.stream.Close()
+	}
+}
+
+// endByClientError ends the session for a request it cannot take.
+func (s *edgeSession) endByClientError(condition string) edgeAnswer {
+	s.mu.Lock()
+	s.endLocked(nil, condition)
+	s.mu.Unlock()
+	s.flushIn()
+	return terminateAnswer(condition)
+}
+
+// endLocked ends the session for a client's error: w (if any) and every
+// waiting request get the terminate, c2s its stream's close. mu is held.
+func (s *edgeSession) endLocked(w *edgeWaiter, condition string) {
+	if w != nil {
+		s.answer(w, terminateAnswer(condition).body, true)
+	}
+	s.closeAfterInput = true
+	s.finish()
+}
+
+// finish ends the session: what still waits gets an empty terminate. A
+// terminate kept for the client's next request (final) keeps the session
+// in the table for the inactivity period; otherwise it leaves now. mu is
+// held.
+func (s *edgeSession) finish() {
+	s.ended = true
+	s.stopInactivity()
+	end := []byte(`<body xmlns='` + NS + `' type='terminate'/>`)
+	for _, w := range append(slices.Clone(s.held), mapValues(s.parked)...) {
+		s.answer(w, end, true)
+	}
+	clear(s.parked)
+	if s.final != nil {
+		s.startInactivity(s.inactivity)
+	} else {
+		s.front.remove(s)
+	}
+}
+
+func mapValues(m map[uint64]*edgeWaiter) []*edgeWaiter {
+	out := make([]*edgeWaiter, 0, len(m))
+	for _, w := range m {
+		out = append(out, w)
+	}
+	return out
+}
+
+// endByServer ends the session from ejabberd's side (c2s closed, a stream
+// error, the link down, a shutdown) with a terminate of the condition,
+// carrying what c2s wrote last. With no request held, the terminate waits
+// for the client's next request, for the inactivity period at most.
+// closeStream closes c2s too (it is still running).
+func (s *edgeSession) endByServer(condition string, closeStream bool) {
+	s.mu.Lock()
+	if s.ended {
+		s.mu.Unlock()
+		return
+	}
+	out := s.out
+	s.out = nil
+	if len(s.held) > 0 {
+		w := s.held[0]
+		s.answer(w, s.body(w, out, true, "condition", condition), true)
+	} else {
+		s.final = s.body(nil, out, true, "condition", condition)
+	}
+	s.finish()
+	s.mu.Unlock()
+	if closeStream {
+		s.stream.Close()
+	}
+}
+
+// body builds an answer: the session's attributes for its creation
+// request, then c2s's output as ejabberd_bosh encodes it (the stream
+// header gives authid and xmpp:version; a stream error or end makes it a
+// remote-stream-error terminate; stanzas get jabber:client, since the
+// body's own namespace would otherwise be theirs). extra are attribute
+// pairs that override. mu is held.
+func (s *edgeSession) body(w *edgeWaiter, out []etf.Term, terminate bool, extra ...string) []byte {
+	var a attrList
+	a.set("xmlns", NS)
+	if w != nil && w.create {
+		a.set("sid", s.sid)
+		a.set("wait", strconv.Itoa(int(s.wait/time.Second)))
+		a.set("ver", edgeVersion)
+		a.set("polling", strconv.Itoa(edgePolling))
+		a.set("inactivity", strconv.Itoa(int(s.inactivity/time.Second)))
+		a.set("hold", strconv.Itoa(s.hold))
+		a.set("xmpp:restartlogic", "true")
+		a.set("requests", strconv.Itoa(s.requests))
+		a.set("secure", "true")
+		a.set("maxpause", strconv.Itoa(int(s.front.cfg.MaxPause/time.Second)))
+		a.set("xmlns:xmpp", nsXBOSH)
+		a.set("xmlns:stream", nsStream)
+		a.set("from", s.host)
+		if s.acks {
+			a.set("ack", strconv.FormatUint(w.rid, 10))
+		}
+	} else if w != nil && s.acks && w.rid < s.highRID {
+		a.set("ack", strconv.FormatUint(s.highRID, 10))
+	}
+	if terminate {
+		a.set("type", "terminate")
+	}
+	var payload []byte
+	for _, ev := range out {
+		t, _ := ev.(etf.Tuple)
+		switch {
+		case isEvent(ev, "xmlstreamstart"):
+			if v := xmlstream.Attr(ev, "version"); v != "" {
+				a.set("xmpp:version", v)
+				a.set("xmlns:xmpp", nsXBOSH)
+			}
+			a.set("authid", xmlstream.Attr(ev, "id"))
+		case isEvent(ev, "xmlstreamend"):
+			a.set("type", "terminate")
+			a.set("condition", "remote-stream-error")
+		case isEvent(ev, "xmlstreamelement") && len(t) == 2:
+			el := t[1]
+			switch xmlstream.Name(el) {
+			case "stream:error":
+				a.set("type", "terminate")
+				a.set("condition", "remote-stream-error")
+				a.set("xmlns:stream", nsStream)
+			case "stream:features":
+				a.set("xmlns:stream", nsStream)
+			case "message", "presence", "iq":
+				el = withClientNS(el)
+			}
+			payload, _ = xmlstream.AppendElement(payload, el)
+		case isEvent(ev, "xmlstreamraw") && len(t) == 2:
+			if raw, ok := t[1].([]byte); ok {
+				payload = append(payload, raw...)
+			}
+		}
+	}
+	for i := 0; i+1 < len(extra); i += 2 {
+		if a.get(extra[i]) == "" || extra[i] != "condition" {
+			a.set(extra[i], extra[i+1])
+		}
+	}
+	b := []byte("<body")
+	for _, kv := range a {
+		b = append(b, ' ')
+		b = append(b, kv[0]...)
+		b = append(b, "='"...)
+		b = append(b, xmlstream.EscapeAttr(kv[1])...)
+		b = append(b, '\'')
+	}
+	if len(payload) == 0 {
+		return append(b, "/>"...)
+	}
+	b = append(b, '>')
+	b = append(b, payload...)
+	return append(b, "</body>"...)
+}
+
+// withClientNS gives a stanza c2s wrote the jabber:client namespace
+// (replacing any), as ejabberd_bosh does.
+func withClientNS(el etf.Term) etf.Term {
+	t := slices.Clone(el.(etf.Tuple))
+	attrs, _ := t[2].(etf.List)
+	out := make(etf.List, 0, len(attrs)+1)
+	for _, kv := range attrs {
+		if p, ok := kv.(etf.Tuple); ok && len(p) == 2 {
+			if k, _ := p[0].([]byte); string(k) == "xmlns" {
+				continue
+			}
+		}
+		out = append(out, kv)
+	}
+	t[2] = append(out, etf.Tuple{[]byte("xmlns"), []byte(nsClient)})
+	return t
+}
+
+func isEvent(ev etf.Term, kind string) bool {
+	t, ok := ev.(etf.Tuple)
+	return ok && len(t) >= 2 && t[0] == etf.Atom(kind)
+}
+
+// attrList keeps attributes in order, a later set replacing the value.
+type attrList [][2]string
+
+func (a *attrList) set(k, v string) {
+	for i := range *a {
+		if (*a)[i][0] == k {
+			(*a)[i][1] = v
+			return
+		}
+	}
+	*a = append(*a, [2]string{k, v})
+}
+
+func (a attrList) get(k string) string {
+	for _, kv := range a {
+		if kv[0] == k {
+			return kv[1]
+		}
+	}
+	return ""
+}
+
+// The session is its c2s stream's sink (sockets.StreamSink); these run on
+// the link's reader goroutine and never block on a client.
+
+// Write takes one event c2s wrote.
+func (s *edgeSession) Write(ev etf.Term) {
+	if isEvent(ev, "xmlstreamend") || (isEvent(ev, "xmlstreamelement") && xmlstream.Name(ev.(etf.Tuple)[1]) == "stream:error") {
+		s.mu.Lock()
+		s.out = append(s.out, ev)
+		s.mu.Unlock()
+		s.endByServer("remote-stream-error", false)
+		return
+	}
+	s.mu.Lock()
+	if !s.ended {
+		s.out = append(s.out, ev)
+		s.deliver()
+	}
+	s.mu.Unlock()
+}
+
+// Close says c2s has ended the stream.
+func (s *edgeSession) Close(string) { s.endByServer("remote-connection-failed", false) }
+
+// Abort says ejabberd can no longer serve the session.
+func (s *edgeSession) Abort(condition string) {
+	if condition != "system-shutdown" {
+		condition = "remote-connection-failed"
+	}
+	s.endByServer(condition, false)
+}
+
+// Shape is c2s's shaper; BOSH requests are not read by rate here.
+func (s *edgeSession) Shape(int64) {}
