@@ -68,7 +68,7 @@ type edgeFront struct {
 	mu       sync.Mutex
 	sessions map[string]*edgeSession
 
-	created, ended atomic.Uint64
+	created, ended, overactive atomic.Uint64
 }
 
 func newEdgeFront(cfg EdgeConfig, log *zap.Logger) *edgeFront {
@@ -158,7 +158,9 @@ func parseEdgeRequest(body []byte) (edgeRequest, error) {
 }
 
 // serve answers one request of an edge session, or creates one.
-func (f *edgeFront) serve(ctx context.Context, conn *sockets.Conn, peer netip.AddrPort, body []byte) edgeAnswer {
+// A session over perSec requests a second (0: no limit) is cut with a
+// policy-violation terminate, and its c2s closed.
+func (f *edgeFront) serve(ctx context.Context, conn *sockets.Conn, peer netip.AddrPort, body []byte, perSec int) edgeAnswer {
 	req, err := parseEdgeRequest(body)
 	if err != nil {
 		return edgeAnswer{status: 400, body: []byte(err.Error() + "\n")}
@@ -171,6 +173,10 @@ func (f *edgeFront) serve(ctx context.Context, conn *sockets.Conn, peer netip.Ad
 	f.mu.Unlock()
 	if s == nil {
 		return terminateAnswer("item-not-found")
+	}
+	if perSec > 0 && !s.admit(perSec) {
+		f.overactive.Add(1)
+		return terminateAnswer("policy-violation")
 	}
 	return s.handle(ctx, req)
 }

@@ -84,7 +84,12 @@ func (f *fakeStreams) last() *fakeC2S {
 
 func serveEdge(t *testing.T, inactivity time.Duration) (string, *fakeStreams) {
 	t.Helper()
-	lis, err := sockets.Listen("127.0.0.1:0", sockets.NewRegistry(sockets.Limits{MaxBodyBytes: 4096}), zap.NewNop())
+	return serveEdgeWithLimits(t, inactivity, sockets.Limits{MaxBodyBytes: 4096})
+}
+
+func serveEdgeWithLimits(t *testing.T, inactivity time.Duration, limits sockets.Limits) (string, *fakeStreams) {
+	t.Helper()
+	lis, err := sockets.Listen("127.0.0.1:0", sockets.NewRegistry(limits), zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -209,5 +214,32 @@ func TestEdgeSessionStreamError(t *testing.T) {
 	_, b := post(t, url, edgeBody(sid, 101, "", ""))
 	if !strings.Contains(b, "condition='remote-stream-error'") || !strings.Contains(b, "<conflict") {
 		t.Fatalf("after a stream error: %q", b)
+	}
+}
+
+// A session over --max-bosh-requests-per-sec is cut with policy-violation,
+// its c2s closed, and it keeps answering policy-violation.
+func TestEdgeSessionOverRateIsCut(t *testing.T) {
+	url, streams := serveEdgeWithLimits(t, time.Minute, sockets.Limits{MaxBodyBytes: 4096, MaxBOSHRequestsPerSec: 3})
+	sid := edgeCreate(t, url)
+	answers := make(chan string, 10)
+	for rid := 101; rid <= 110; rid++ {
+		go func() { _, b := post(t, url, edgeBody(sid, rid, "", "")); answers <- b }()
+		time.Sleep(20 * time.Millisecond) // in rid order, 50 a second
+	}
+	cut := 0
+	for range 10 {
+		if strings.Contains(<-answers, "policy-violation") {
+			cut++
+		}
+	}
+	if cut == 0 {
+		t.Fatal("10 requests at 50 a second with a limit of 3 a second were never cut")
+	}
+	if _, closed := streams.last().received(); !closed {
+		t.Error("the cut session's c2s is still open")
+	}
+	if _, b := post(t, url, edgeBody(sid, 111, "", "")); !strings.Contains(b, "policy-violation") {
+		t.Errorf("the cut session's next request got %q", b)
 	}
 }

@@ -48,6 +48,7 @@ type edgeSession struct {
 	responses        map[uint64][]byte      // the last answers, for a re-sent rid
 	answeredRIDs     []uint64
 	ended            bool
+	rate             requestRate // the request allowance (--max-bosh-requests-per-sec); rate.cut: ended for going over it
 	final            []byte // the terminate for the client's next request, when none was held as the session ended
 	inactive         *time.Timer
 }
@@ -70,6 +71,10 @@ func (s *edgeSession) newWaiter(rid uint64) *edgeWaiter {
 // handle runs one request of the session and returns its answer.
 func (s *edgeSession) handle(ctx context.Context, req edgeRequest) edgeAnswer {
 	s.mu.Lock()
+	if s.ended && s.rate.cut {
+		s.mu.Unlock()
+		return terminateAnswer("policy-violation")
+	}
 	if s.ended {
 		// The session ended while no request was held: its terminate
 		// (with c2s's last words) goes to this request.
@@ -140,6 +145,25 @@ func (s *edgeSession) handle(ctx context.Context, req edgeRequest) edgeAnswer {
 	s.mu.Unlock()
 	s.flushIn()
 	return s.await(ctx, w)
+}
+
+// admit takes one request from the session's allowance of perSec a
+// second. The first request over it ends the session (its c2s closed);
+// the session then answers policy-violation until it leaves the table
+// (after the inactivity period).
+func (s *edgeSession) admit(perSec int) bool {
+	s.mu.Lock()
+	ok, cutNow := s.rate.take(perSec, time.Now())
+	if cutNow && !s.ended {
+		s.final = terminateAnswer("policy-violation").body
+		s.closeAfterInput = true
+		s.finish()
+	}
+	s.mu.Unlock()
+	if cutNow {
+		s.flushIn()
+	}
+	return ok
 }
 
 // process takes the request that is next in rid order. mu is held.

@@ -135,6 +135,9 @@ func (h *Handler) Stats() Stats {
 		Failed: h.failed.Load(), Cancelled: h.cancelled.Load(), Echoes: h.echoes.Load(),
 		Overactive: h.overactive.Load()}
 	if h.edge != nil {
+		st.Overactive += h.edge.overactive.Load()
+	}
+	if h.edge != nil {
 		st.EdgeOpen, st.EdgeCreated, st.EdgeEnded = h.edge.open(), h.edge.created.Load(), h.edge.ended.Load()
 	}
 	return st
@@ -272,7 +275,7 @@ func (h *Handler) serveEdge(w http.ResponseWriter, r *http.Request, conn *socket
 	ctx, cancel := context.WithTimeout(r.Context(), h.cfg.MaxWait)
 	defer cancel()
 	h.forwarded.Add(1)
-	ans := h.edge.serve(ctx, conn, peer, body)
+	ans := h.edge.serve(ctx, conn, peer, body, conn.Limits().MaxBOSHRequestsPerSec)
 	switch {
 	case ans.status == 0:
 		h.cancelled.Add(1) // the client hung up
