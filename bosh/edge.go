@@ -202,7 +202,6 @@ func (f *edgeFront) create(ctx context.Context, conn *sockets.Conn, peer netip.A
 		polling:    wait == 0 && hold == 0,
 		inactivity: f.cfg.Inactivity, acks: req.ack,
 		prevRID: req.rid, highRID: req.rid, key: req.newKey,
-		parked: make(map[uint64]*edgeWaiter), responses: make(map[uint64][]byte),
 	}
 	if s.polling {
 		s.lastPoll = time.Now()

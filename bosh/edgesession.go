@@ -1,6 +1,7 @@
 package bosh
 
 import (
+	"bytes"
 	"context"
 	"slices"
 	"strconv"
@@ -41,16 +42,33 @@ type edgeSession struct {
 	key              string
 	lastPoll         time.Time
 	held             []*edgeWaiter          // processed requests waiting for output, in rid order
-	parked           map[uint64]*edgeWaiter // requests ahead of prevRID+1, waiting for the gap to fill
+	parked           map[uint64]*edgeWaiter // requests ahead of prevRID+1, waiting for the gap to fill (made on first use)
 	out              []etf.Term             // c2s's output not yet answered
 	inQ              []etf.Term             // input for c2s not yet sent
 	closeAfterInput  bool                   // close the c2s stream once inQ is sent
-	responses        map[uint64][]byte      // the last answers, for a re-sent rid
-	answeredRIDs     []uint64
+	// responses keeps the answers a client may still ask again for (a
+	// re-sent rid): those within requests of prevRID. An idle session
+	// keeps one, so a slice, each body copied to its exact size.
+	responses []keptAnswer
 	ended            bool
 	rate             requestRate // the request allowance (--max-bosh-requests-per-sec); rate.cut: ended for going over it
 	final            []byte // the terminate for the client's next request, when none was held as the session ended
 	inactive         *time.Timer
+}
+
+type keptAnswer struct {
+	rid  uint64
+	body []byte
+}
+
+// kept returns the answer kept for rid, or nil.
+func (s *edgeSession) kept(rid uint64) []byte {
+	for _, k := range s.responses {
+		if k.rid == rid {
+			return k.body
+		}
+	}
+	return nil
 }
 
 // edgeWaiter is one HTTP request of a session, waiting for its answer.
@@ -98,7 +116,7 @@ func (s *edgeSession) handle(ctx context.Context, req edgeRequest) edgeAnswer {
 		s.mu.Unlock()
 		return s.endByClientError("item-not-found")
 	case req.rid <= s.prevRID:
-		if body, ok := s.responses[req.rid]; ok {
+		if body := s.kept(req.rid); body != nil {
 			s.mu.Unlock()
 			return okAnswer(body) // a re-send: the same answer again
 		}
@@ -126,6 +144,9 @@ func (s *edgeSession) handle(ctx context.Context, req edgeRequest) edgeAnswer {
 		if prev := s.parked[req.rid]; prev != nil {
 			prev.done = true
 			prev.ch <- []byte(emptyBody)
+		}
+		if s.parked == nil {
+			s.parked = make(map[uint64]*edgeWaiter)
 		}
 		s.parked[req.rid] = w
 		s.stopInactivity()
@@ -296,12 +317,13 @@ func (s *edgeSession) answer(w *edgeWaiter, body []byte, terminate bool) {
 	if i := slices.Index(s.held, w); i >= 0 {
 		s.held = slices.Delete(s.held, i, i+1)
 	}
-	s.responses[w.rid] = body
-	s.answeredRIDs = append(s.answeredRIDs, w.rid)
-	for len(s.answeredRIDs) > s.requests {
-		delete(s.responses, s.answeredRIDs[0])
-		s.answeredRIDs = s.answeredRIDs[1:]
-	}
+	// A client may ask again for an answer until it sends a rid requests
+	// past it: it can have only requests outstanding, so by then it has
+	// the answer.
+	s.responses = slices.DeleteFunc(s.responses, func(k keptAnswer) bool {
+		return k.rid+uint64(s.requests) <= s.prevRID || k.rid == w.rid
+	})
+	s.responses = append(s.responses, keptAnswer{rid: w.rid, body: bytes.Clone(body)})
 	w.ch <- body
 	if !terminate && !s.ended && len(s.held) == 0 && len(s.parked) == 0 && s.inactive == nil {
 		s.startInactivity(s.inactivity)
