@@ -34,6 +34,18 @@ func (c *fakeC2S) Send(events []etf.Term) error {
 		switch {
 		case isEvent(ev, "xmlstreamstart"):
 			c.got = append(c.got, "start:"+xmlstream.Attr(ev, "to"))
+			if xmlstream.Attr(ev, "to") == "unknown.invalid" {
+				go func() { // c2s's answer to a host it does not serve
+					c.sink.Write(etf.Tuple{etf.Atom("xmlstreamstart"), []byte("stream:stream"),
+						etf.List{etf.Tuple{[]byte("id"), []byte("s2")}}})
+					c.sink.Write(etf.Tuple{etf.Atom("xmlstreamelement"),
+						etf.Tuple{etf.Atom("xmlel"), []byte("stream:error"), etf.List{}, etf.List{
+							etf.Tuple{etf.Atom("xmlel"), []byte("host-unknown"), etf.List{}, etf.List{}}}}})
+					c.sink.Write(streamEnd())
+					c.sink.Close("closed by ejabberd")
+				}()
+				continue
+			}
 			go func() { // as the link's reader would, later
 				c.sink.Write(etf.Tuple{etf.Atom("xmlstreamstart"), []byte("stream:stream"),
 					etf.List{etf.Tuple{[]byte("id"), []byte("s1")}, etf.Tuple{[]byte("version"), []byte("1.0")}}})
@@ -241,5 +253,16 @@ func TestEdgeSessionOverRateIsCut(t *testing.T) {
 	}
 	if _, b := post(t, url, edgeBody(sid, 111, "", "")); !strings.Contains(b, "policy-violation") {
 		t.Errorf("the cut session's next request got %q", b)
+	}
+}
+
+// A session for a host ejabberd does not serve, from a client without
+// xmpp:version: the creation answer is the terminate with c2s's error,
+// not the stream header alone.
+func TestEdgeSessionUnknownHost(t *testing.T) {
+	url, _ := serveEdge(t, time.Minute)
+	_, b := post(t, url, `<body xmlns='`+NS+`' rid='7' to='unknown.invalid' wait='5' hold='1'/>`)
+	if !strings.Contains(b, "type='terminate'") || !strings.Contains(b, "<host-unknown") || !strings.Contains(b, "authid='s2'") {
+		t.Fatalf("creation for an unknown host: %q", b)
 	}
 }

@@ -51,6 +51,7 @@ type edgeSession struct {
 	// keeps one, so a slice, each body copied to its exact size.
 	responses []keptAnswer
 	ended            bool
+	headerDue        bool // a lone stream header of a stream without a version has waited headerGrace
 	rate             requestRate // the request allowance (--max-bosh-requests-per-sec); rate.cut: ended for going over it
 	final            []byte // the terminate for the client's next request, when none was held as the session ended
 	inactive         *time.Timer
@@ -284,23 +285,31 @@ func (s *edgeSession) deliver() {
 	}
 }
 
-// outReady says whether out is worth an answer: a stream header alone
-// waits for the features c2s sends next (XMPP 1.0), as in ejabberd_bosh.
+// outReady says whether out is worth an answer. A stream header alone
+// waits for what c2s sends next: the features (XMPP 1.0), as in
+// ejabberd_bosh; for a stream without a version, which gets no features,
+// a moment (headerGrace), so that a stream error c2s sends at once (an
+// unknown host) comes in the same answer, as a terminate.
 func (s *edgeSession) outReady() bool {
 	for _, ev := range s.out {
-		if !isEvent(ev, "xmlstreamstart") || s.xmppVersion < "1.0" {
+		if !isEvent(ev, "xmlstreamstart") {
 			return true
 		}
 	}
-	return false
+	return len(s.out) > 0 && s.headerDue
 }
+
+// headerGrace is how long a lone stream header of a stream without a
+// version waits for more of c2s's output: c2s writes a stream error right
+// after the header, in the same turn.
+const headerGrace = 20 * time.Millisecond
 
 // release answers a held request with what c2s has written (perhaps
 // nothing). mu is held.
 func (s *edgeSession) release(w *edgeWaiter) {
 	var out []etf.Term
 	if s.outReady() {
-		out, s.out = s.out, nil
+		out, s.out, s.headerDue = s.out, nil, false
 	}
 	s.answer(w, s.body(w, out, false), false)
 }
@@ -621,6 +630,16 @@ func (s *edgeSession) Write(ev etf.Term) {
 	s.mu.Lock()
 	if !s.ended {
 		s.out = append(s.out, ev)
+		if isEvent(ev, "xmlstreamstart") && s.xmppVersion < "1.0" {
+			time.AfterFunc(headerGrace, func() {
+				s.mu.Lock()
+				if !s.ended {
+					s.headerDue = true
+					s.deliver()
+				}
+				s.mu.Unlock()
+			})
+		}
 		s.deliver()
 	}
 	s.mu.Unlock()

@@ -200,3 +200,36 @@ func testBOSHEdgeProtocol(t *testing.T, tg target) {
 		t.Errorf("request after the inactivity timeout: %q", out)
 	}
 }
+
+// An edge session lives in the sidecar: when the sidecar dies its c2s
+// ends at once (it monitors the sidecar), not after an inactivity window;
+// the client's next request, to a restarted sidecar, gets item-not-found,
+// and clients log in again and chat.
+func TestBOSHEdgeSidecarRestart(t *testing.T) { forEachTarget(t, testBOSHEdgeSidecarRestart) }
+
+func testBOSHEdgeSidecarRestart(t *testing.T, tg target) {
+	ej := tg.startEjabberd(t, harness.Options{})
+	base := evalInt(t, ej, leftoverExpr)
+	sc := startSidecar(t, ej, "", "--bosh-mode", "edge")
+	b := newBOSHLogin(t, sc.url())
+	jid := b.login("alice")
+	user, rest, _ := strings.Cut(jid, "@")
+	_, res, _ := strings.Cut(rest, "/")
+	pid := strings.TrimSpace(eval(t, ej, fmt.Sprintf(
+		`pid_to_list(ejabberd_sm:get_session_pid(<<"%s">>, <<"localhost">>, <<"%s">>))`, user, res)))
+	sc.kill()
+	waitUntil(t, 5*time.Second, "the c2s ends with the sidecar", func() bool {
+		return strings.TrimSpace(eval(t, ej, fmt.Sprintf(`is_process_alive(list_to_pid(%s))`, pid))) == "false" &&
+			evalInt(t, ej, leftoverExpr) == base
+	})
+
+	sc = startSidecar(t, ej, sc.addr, "--bosh-mode", "edge")
+	b.client.CloseIdleConnections() // their other ends died with the sidecar
+	if out := b.send("", ""); !strings.Contains(out, "condition='item-not-found'") {
+		t.Errorf("the old session's next request: %q", out)
+	}
+	res2 := startClient(t, sc.url(), "--mode", "chat", "--count", "20", "--timeout", "60").wait(t, 2*time.Minute)
+	if res2.Received["a"] != 20 || res2.Received["b"] != 20 {
+		t.Errorf("received %v after the restart, want 20 each", res2.Received)
+	}
+}
