@@ -50,11 +50,11 @@ type edgeSession struct {
 	// re-sent rid): those within requests of prevRID. An idle session
 	// keeps one, so a slice, each body copied to its exact size.
 	responses []keptAnswer
-	ended            bool
-	headerDue        bool // a lone stream header of a stream without a version has waited headerGrace
-	rate             requestRate // the request allowance (--max-bosh-requests-per-sec); rate.cut: ended for going over it
-	final            []byte // the terminate for the client's next request, when none was held as the session ended
-	inactive         *time.Timer
+	ended     bool
+	headerDue bool        // a lone stream header of a stream without a version has waited headerGrace
+	rate      requestRate // the request allowance (--max-bosh-requests-per-sec); rate.cut: ended for going over it
+	final     []byte      // the terminate for the client's next request, when none was held as the session ended
+	inactive  *time.Timer
 }
 
 type keptAnswer struct {
