@@ -3,6 +3,7 @@ package test
 import (
 	"encoding/base64"
 	"fmt"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -231,5 +232,33 @@ func testBOSHEdgeSidecarRestart(t *testing.T, tg target) {
 	res2 := startClient(t, sc.url(), "--mode", "chat", "--count", "20", "--timeout", "60").wait(t, 2*time.Minute)
 	if res2.Received["a"] != 20 || res2.Received["b"] != 20 {
 		t.Errorf("received %v after the restart, want 20 each", res2.Received)
+	}
+}
+
+// A hot upgrade of a sidecar in edge mode is refused before anything
+// stops: the new process exits, the old one says why and carries on, and
+// its edge sessions never notice.
+func TestBOSHEdgeRefusesHotUpgrade(t *testing.T) {
+	ej := startEjabberd(t, harness.Options{})
+	handoff := filepath.Join(t.TempDir(), "handoff.sock")
+	old := startSidecar(t, ej, "", "--bosh-mode", "edge", "--handoff-socket", handoff)
+	b := newBOSHLogin(t, old.url())
+	b.login("alice")
+
+	successor := spawnSidecar(t, ej, freeAddr(t), "--bosh-mode", "edge", "--takeover", handoff)
+	select {
+	case <-successor.exited:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the takeover did not give up:\n%s", successor.logs())
+	}
+	waitUntil(t, 10*time.Second, "the old process logs the refusal", func() bool {
+		return strings.Contains(old.logs(), "hot upgrade refused: --bosh-mode edge")
+	})
+	out := b.send("", "<iq type='get' id='after' to='localhost' xmlns='jabber:client'><ping xmlns='urn:xmpp:ping'/></iq>")
+	for i := 0; i < 3 && !strings.Contains(out, "after"); i++ {
+		out += b.send("", "")
+	}
+	if !strings.Contains(out, "after") {
+		t.Errorf("the edge session after the refused upgrade: %q", out)
 	}
 }
