@@ -69,6 +69,7 @@ type edgeFront struct {
 	sessions map[string]*edgeSession
 
 	created, ended, overactive atomic.Uint64
+	parking                    parking // held requests taken from net/http (edgepark.go)
 }
 
 func newEdgeFront(cfg EdgeConfig, log *zap.Logger) *edgeFront {
@@ -81,10 +82,14 @@ func newEdgeFront(cfg EdgeConfig, log *zap.Logger) *edgeFront {
 	return &edgeFront{cfg: cfg, log: log, sessions: make(map[string]*edgeSession)}
 }
 
-// edgeAnswer is what one HTTP request gets.
+// edgeAnswer is what one HTTP request gets: an answer now, or (waiter
+// set) an answer to wait for (edgeSession.await) or to park the request
+// for (edgeFront.park).
 type edgeAnswer struct {
-	status int
-	body   []byte
+	status  int
+	body    []byte
+	session *edgeSession
+	waiter  *edgeWaiter
 }
 
 func okAnswer(body []byte) edgeAnswer { return edgeAnswer{status: 200, body: body} }
@@ -178,7 +183,7 @@ func (f *edgeFront) serve(ctx context.Context, conn *sockets.Conn, peer netip.Ad
 		f.overactive.Add(1)
 		return terminateAnswer("policy-violation")
 	}
-	return s.handle(ctx, req)
+	return s.handle(req)
 }
 
 // edgeOpenWait bounds how long a session creation waits for ejabberd to
@@ -235,7 +240,7 @@ func (f *edgeFront) create(ctx context.Context, conn *sockets.Conn, peer netip.A
 	s.hold1(w)
 	s.mu.Unlock()
 	s.flushIn()
-	return s.await(ctx, w)
+	return edgeAnswer{session: s, waiter: w}
 }
 
 // Sessions returns how many sessions are open at the edge.
@@ -266,6 +271,7 @@ func (f *edgeFront) shutdown() {
 	for _, s := range all {
 		s.endByServer("system-shutdown", true)
 	}
+	f.parking.stop()
 }
 
 func newSID() string {

@@ -80,7 +80,19 @@ type edgeWaiter struct {
 	ch     chan []byte  // the answer; room for one
 	timer  *time.Timer  // the wait timer while held
 	done   bool         // answered
+	// onAnswer, once the request is parked (edgepark.go), takes the
+	// answer instead of ch; it must not block.
+	onAnswer func(body []byte)
 	gone   bool         // its client hung up; the answer is only kept for a re-send
+}
+
+// give hands the request its answer. The session's mu is held.
+func (w *edgeWaiter) give(body []byte) {
+	if w.onAnswer != nil {
+		w.onAnswer(body)
+		return
+	}
+	w.ch <- body
 }
 
 func (s *edgeSession) newWaiter(rid uint64) *edgeWaiter {
@@ -88,7 +100,7 @@ func (s *edgeSession) newWaiter(rid uint64) *edgeWaiter {
 }
 
 // handle runs one request of the session and returns its answer.
-func (s *edgeSession) handle(ctx context.Context, req edgeRequest) edgeAnswer {
+func (s *edgeSession) handle(req edgeRequest) edgeAnswer {
 	s.mu.Lock()
 	if s.ended && s.rate.cut {
 		s.mu.Unlock()
@@ -134,7 +146,7 @@ func (s *edgeSession) handle(ctx context.Context, req edgeRequest) edgeAnswer {
 		old.timer = nil
 		s.held[i] = w
 		old.done = true
-		old.ch <- []byte(emptyBody)
+		old.give([]byte(emptyBody))
 		if w.timer != nil {
 			w.timer.Stop()
 			s.startWaitTimer(w)
@@ -144,7 +156,7 @@ func (s *edgeSession) handle(ctx context.Context, req edgeRequest) edgeAnswer {
 		w.req = &req
 		if prev := s.parked[req.rid]; prev != nil {
 			prev.done = true
-			prev.ch <- []byte(emptyBody)
+			prev.give([]byte(emptyBody))
 		}
 		if s.parked == nil {
 			s.parked = make(map[uint64]*edgeWaiter)
@@ -166,7 +178,7 @@ func (s *edgeSession) handle(ctx context.Context, req edgeRequest) edgeAnswer {
 	}
 	s.mu.Unlock()
 	s.flushIn()
-	return s.await(ctx, w)
+	return edgeAnswer{session: s, waiter: w}
 }
 
 // admit takes one request from the session's allowance of perSec a
@@ -333,7 +345,7 @@ func (s *edgeSession) answer(w *edgeWaiter, body []byte, terminate bool) {
 		return k.rid+uint64(s.requests) <= s.prevRID || k.rid == w.rid
 	})
 	s.responses = append(s.responses, keptAnswer{rid: w.rid, body: bytes.Clone(body)})
-	w.ch <- body
+	w.give(body)
 	if !terminate && !s.ended && len(s.held) == 0 && len(s.parked) == 0 && s.inactive == nil {
 		s.startInactivity(s.inactivity)
 	}

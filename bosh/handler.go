@@ -276,6 +276,17 @@ func (h *Handler) serveEdge(w http.ResponseWriter, r *http.Request, conn *socket
 	defer cancel()
 	h.forwarded.Add(1)
 	ans := h.edge.serve(ctx, conn, peer, body, conn.Limits().MaxBOSHRequestsPerSec)
+	if ans.waiter != nil {
+		closeConn := func(hd http.Header) {
+			if h.closeConns.Load() {
+				hd.Set("Connection", "close")
+			}
+		}
+		if h.edge.park(w, r, ans.session, ans.waiter, closeConn) {
+			return
+		}
+		ans = ans.session.await(ctx, ans.waiter)
+	}
 	switch {
 	case ans.status == 0:
 		h.cancelled.Add(1) // the client hung up

@@ -48,9 +48,10 @@ func testBOSHEdgeChatWithStreamUser(t *testing.T, tg target) {
 		t.Errorf("received %v, want 200 each", res.Received)
 	}
 
-	// Two Strophe users, live, from 127.0.0.2.
+	// Two Strophe users, live, from 127.0.0.2, long enough for the checks
+	// below on a loaded machine (each eval starts an Erlang node).
 	before := evalInt(t, ej, "erlang:system_info(process_count)")
-	c := startClient(t, sc.url(), "--mode", "live", "--duration", "8", "--settle", "4", "--timeout", "60",
+	c := startClient(t, sc.url(), "--mode", "live", "--duration", "25", "--settle", "4", "--timeout", "90",
 		"--local-address", "127.0.0.2")
 	c.waitReady(t)
 	if n := countByModule(t, ej, "ejabberd_bosh", "megaphone_bosh"); n != 0 {
