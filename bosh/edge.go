@@ -58,6 +58,9 @@ type EdgeConfig struct {
 	// MaxPause is the longest pause a client may ask for (mod_bosh's
 	// max_pause); 0 means 120 s.
 	MaxPause time.Duration
+	// maxWait is the front's MaxWait: a session's wait is at most that
+	// (and 300 s), so --max-wait bounds a held request in both modes.
+	maxWait time.Duration
 }
 
 // edgeFront is the table of the sessions served at the edge.
@@ -194,9 +197,9 @@ func (f *edgeFront) create(ctx context.Context, conn *sockets.Conn, peer netip.A
 	if req.to == "" {
 		return terminateAnswer("improper-addressing")
 	}
-	wait, hold := edgeMaxWait, edgeMaxHold
+	wait, hold := min(edgeMaxWait, max(1, int(f.cfg.maxWait/time.Second))), edgeMaxHold
 	if req.wait >= 0 {
-		wait = min(req.wait, edgeMaxWait)
+		wait = min(req.wait, wait)
 	}
 	if req.hold >= 0 {
 		hold = min(req.hold, edgeMaxHold)

@@ -89,6 +89,7 @@ func NewHandler(cfg Config, nodes ...Node) *Handler {
 	stopping, stop := context.WithCancel(context.Background())
 	h := &Handler{cfg: cfg, router: newRouter(nodes), log: cfg.Logger, stopping: stopping, stopLongPoll: stop}
 	if cfg.Edge.Streams != nil {
+		cfg.Edge.maxWait = cfg.MaxWait
 		h.edge = newEdgeFront(cfg.Edge, cfg.Logger)
 	}
 	return h
