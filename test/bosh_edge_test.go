@@ -61,13 +61,7 @@ func testBOSHEdgeChatWithStreamUser(t *testing.T, tg target) {
 		t.Errorf("%d c2s processes for 2 edge sessions, want 2", n)
 	}
 	t.Logf("process count grew by %d for 2 sessions", evalInt(t, ej, "erlang:system_info(process_count)")-before)
-	info := eval(t, ej, `[ {proplists:get_value(conn, I), proplists:get_value(ip, I)}
-	    || {U, S, R} <- ejabberd_sm:dirty_get_sessions_list(),
-	       I <- [ejabberd_sm:get_user_info(U, S, R)] ]`)
-	re := regexp.MustCompile(`\{http_bind,\{\{127,0,0,2\},\d+\}\}`)
-	if n := len(re.FindAllString(info, -1)); n != 2 {
-		t.Errorf("want 2 sessions {http_bind, {{127,0,0,2}, Port}}, got %s", info)
-	}
+	wantHTTPBindSessionsFrom127002(t, ej, 2)
 	c.wait(t, time.Minute)
 	waitUntil(t, 10*time.Second, "nothing left after logout", func() bool {
 		return evalInt(t, ej, "length(ejabberd_sm:dirty_get_sessions_list())") == 0 &&
