@@ -83,7 +83,7 @@ type edgeWaiter struct {
 	// onAnswer, once the request is parked (edgepark.go), takes the
 	// answer instead of ch; it must not block.
 	onAnswer func(body []byte)
-	gone   bool         // its client hung up; the answer is only kept for a re-send
+	gone     bool // its client hung up; the answer is only kept for a re-send
 }
 
 // give hands the request its answer. The session's mu is held.
