@@ -1,10 +1,14 @@
 package bosh
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -264,5 +268,43 @@ func TestEdgeSessionUnknownHost(t *testing.T) {
 	_, b := post(t, url, `<body xmlns='`+NS+`' rid='7' to='unknown.invalid' wait='5' hold='1'/>`)
 	if !strings.Contains(b, "type='terminate'") || !strings.Contains(b, "<host-unknown") || !strings.Contains(b, "authid='s2'") {
 		t.Fatalf("creation for an unknown host: %q", b)
+	}
+}
+
+// A held request is parked off net/http; a request the client pipelined
+// behind it on the same connection is kept, and read once the held one is
+// answered, on the connection handed back to HTTP.
+func TestEdgeParkedConnectionKeepsPipelinedRequest(t *testing.T) {
+	url, streams := serveEdge(t, time.Minute)
+	_, created := post(t, url, `<body xmlns='`+NS+`' rid='100' to='localhost' wait='1' hold='1' xmpp:version='1.0' xmlns:xmpp='urn:xmpp:xbosh'/>`)
+	sid := sidRE.FindStringSubmatch(created)[1]
+	addr := strings.TrimSuffix(strings.TrimPrefix(url, "http://"), "/bosh")
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	req := func(rid int, payload string) string {
+		b := edgeBody(sid, rid, "", payload)
+		return fmt.Sprintf("POST /bosh HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n%s", len(b), b)
+	}
+	if _, err := io.WriteString(c, req(101, "")+req(102, "<message id='piped'/>")); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	r := bufio.NewReader(c)
+	for i := 0; i < 2; i++ {
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatalf("answer %d: %v", i, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || !strings.Contains(string(body), "<body") || resp.Header.Get("Access-Control-Allow-Origin") != "*" {
+			t.Fatalf("answer %d: %d %q %v", i, resp.StatusCode, body, resp.Header)
+		}
+	}
+	if got, _ := streams.last().received(); !slices.Contains(got, "message:piped") {
+		t.Fatalf("c2s got %v, not the pipelined message", got)
 	}
 }
