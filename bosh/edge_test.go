@@ -308,3 +308,27 @@ func TestEdgeParkedConnectionKeepsPipelinedRequest(t *testing.T) {
 		t.Fatalf("c2s got %v, not the pipelined message", got)
 	}
 }
+
+// A polling session (wait=0, hold=0): each request is answered at once,
+// and one sooner than `polling` seconds after the last is overactivity.
+func TestEdgePollingSession(t *testing.T) {
+	url, streams := serveEdge(t, time.Minute)
+	_, created := post(t, url, `<body xmlns='`+NS+`' rid='10' to='localhost' wait='0' hold='0' xmpp:version='1.0' xmlns:xmpp='urn:xmpp:xbosh'/>`)
+	if !strings.Contains(created, "requests='1'") || !strings.Contains(created, "wait='0'") {
+		t.Fatalf("creation of a polling session: %q", created)
+	}
+	sid := sidRE.FindStringSubmatch(created)[1]
+	// As ejabberd_bosh: with wait=0 the creation is answered at once, and
+	// c2s's header and features come with it or with the next poll.
+	time.Sleep(edgePolling * time.Second)
+	start := time.Now()
+	if _, b := post(t, url, edgeBody(sid, 11, "", "")); !strings.Contains(created+b, "<stream:features") || time.Since(start) > time.Second {
+		t.Fatalf("a poll: %q after %s (creation %q)", b, time.Since(start), created)
+	}
+	if _, b := post(t, url, edgeBody(sid, 12, "", "")); !strings.Contains(b, "condition='policy-violation'") {
+		t.Fatalf("a poll too soon: %q", b)
+	}
+	if _, closed := streams.last().received(); !closed {
+		t.Error("the overactive session's c2s is still open")
+	}
+}
