@@ -332,3 +332,18 @@ func TestEdgePollingSession(t *testing.T) {
 		t.Error("the overactive session's c2s is still open")
 	}
 }
+
+// A request ahead of a gap that never fills ends with the session, by
+// inactivity, answered with a terminate; its c2s is closed.
+func TestEdgeUnfilledGapEndsByInactivity(t *testing.T) {
+	url, streams := serveEdge(t, 500*time.Millisecond)
+	sid := edgeCreate(t, url)
+	start := time.Now()
+	if _, b := post(t, url, edgeBody(sid, 102, "", "<message id='lonely'/>")); !strings.Contains(b, "type='terminate'") || time.Since(start) > 5*time.Second {
+		t.Fatalf("a request ahead of a gap: %q after %s", b, time.Since(start))
+	}
+	got, closed := streams.last().received()
+	if !closed || slices.Contains(got, "message:lonely") {
+		t.Fatalf("c2s got %v (closed %v): want it closed, without the request past the gap", got, closed)
+	}
+}

@@ -162,7 +162,11 @@ func (s *edgeSession) handle(req edgeRequest) edgeAnswer {
 			s.parked = make(map[uint64]*edgeWaiter)
 		}
 		s.parked[req.rid] = w
-		s.stopInactivity()
+		// As ejabberd_bosh: a gap that does not fill within the
+		// inactivity period ends the session (and answers this one).
+		if len(s.held) == 0 {
+			s.startInactivity(s.inactivity)
+		}
 	default:
 		w = s.newWaiter(req.rid)
 		s.process(req, w)
@@ -346,7 +350,7 @@ func (s *edgeSession) answer(w *edgeWaiter, body []byte, terminate bool) {
 	})
 	s.responses = append(s.responses, keptAnswer{rid: w.rid, body: bytes.Clone(body)})
 	w.give(body)
-	if !terminate && !s.ended && len(s.held) == 0 && len(s.parked) == 0 && s.inactive == nil {
+	if !terminate && !s.ended && len(s.held) == 0 && s.inactive == nil {
 		s.startInactivity(s.inactivity)
 	}
 }
@@ -395,7 +399,9 @@ func (s *edgeSession) startInactivity(d time.Duration) {
 		}
 		s.inactive = nil
 		wasEnded := s.ended
-		s.ended = true
+		if !wasEnded {
+			s.finish() // requests still waiting for a gap get the terminate
+		}
 		s.mu.Unlock()
 		s.front.remove(s)
 		if !wasEnded {
