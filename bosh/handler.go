@@ -5,6 +5,7 @@
 package bosh
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -32,6 +33,10 @@ type Config struct {
 	// exceed the longest BOSH wait ejabberd grants, or long-polls are cut.
 	MaxWait time.Duration
 	Logger  *zap.Logger
+	// Edge, with its Streams set, makes the front keep BOSH sessions
+	// itself (edge mode, edge.go): ejabberd runs only each session's c2s.
+	// Without, every request goes to ejabberd_bosh (relay mode).
+	Edge EdgeConfig
 }
 
 // Stats counts what the front has done.
@@ -43,6 +48,10 @@ type Stats struct {
 	// Overactive counts requests refused for their session's request rate
 	// (Limits.MaxBOSHRequestsPerSec) with a policy-violation terminate.
 	Overactive uint64
+	// EdgeOpen, EdgeCreated and EdgeEnded count the sessions served at the
+	// edge (edge mode): open now, created and ended over the run.
+	EdgeOpen               int
+	EdgeCreated, EdgeEnded uint64
 }
 
 // defaultMaxBodyBytes applies when the registry sets no body limit.
@@ -52,6 +61,7 @@ const defaultMaxBodyBytes = 64 << 10
 type Handler struct {
 	cfg    Config
 	router *router
+	edge   *edgeFront // nil in relay mode
 	log    *zap.Logger
 	reqIDs atomic.Uint64
 
@@ -77,7 +87,12 @@ func NewHandler(cfg Config, nodes ...Node) *Handler {
 		cfg.Logger = zap.NewNop()
 	}
 	stopping, stop := context.WithCancel(context.Background())
-	return &Handler{cfg: cfg, router: newRouter(nodes), log: cfg.Logger, stopping: stopping, stopLongPoll: stop}
+	h := &Handler{cfg: cfg, router: newRouter(nodes), log: cfg.Logger, stopping: stopping, stopLongPoll: stop}
+	if cfg.Edge.Streams != nil {
+		cfg.Edge.maxWait = cfg.MaxWait
+		h.edge = newEdgeFront(cfg.Edge, cfg.Logger)
+	}
+	return h
 }
 
 // SetDraining makes the front refuse (true) or take again (false) new
@@ -106,6 +121,9 @@ func (h *Handler) answerHeaders(w http.ResponseWriter) {
 // lost: it waits for the client's next request, wherever that goes.
 func (h *Handler) Shutdown() {
 	h.draining.Store(true)
+	if h.edge != nil {
+		h.edge.shutdown() // before the long-polls are cut: they get system-shutdown
+	}
 	h.stopLongPoll()
 }
 
@@ -114,9 +132,16 @@ func (h *Handler) Sessions() map[string]int { return h.router.sessions() }
 
 // Stats returns the front's counters.
 func (h *Handler) Stats() Stats {
-	return Stats{Requests: h.requests.Load(), Forwarded: h.forwarded.Load(), Refused: h.refused.Load(),
+	st := Stats{Requests: h.requests.Load(), Forwarded: h.forwarded.Load(), Refused: h.refused.Load(),
 		Failed: h.failed.Load(), Cancelled: h.cancelled.Load(), Echoes: h.echoes.Load(),
 		Overactive: h.overactive.Load()}
+	if h.edge != nil {
+		st.Overactive += h.edge.overactive.Load()
+	}
+	if h.edge != nil {
+		st.EdgeOpen, st.EdgeCreated, st.EdgeEnded = h.edge.open(), h.edge.created.Load(), h.edge.ended.Load()
+	}
+	return st
 }
 
 // corsHeaders are those ejabberd's own BOSH listener sends, so browser
@@ -190,6 +215,10 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
 		peer = ap
 	}
+	if h.edge != nil {
+		h.serveEdge(w, r, conn, peer, body, info)
+		return
+	}
 	if perSec := conn.Limits().MaxBOSHRequestsPerSec; perSec > 0 && info.SID != "" {
 		if ok, cutNow := h.router.admit(info.SID, perSec, time.Now()); !ok {
 			h.overactive.Add(1)
@@ -236,6 +265,37 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 		// request would flood the log while ejabberd is down.
 		h.log.Debug("BOSH request failed", zap.Uint64("conn", conn.ID), zap.Error(err))
 		h.terminate(w, "remote-connection-failed")
+	}
+}
+
+// serveEdge answers a request of a session served at the edge (edge.go).
+func (h *Handler) serveEdge(w http.ResponseWriter, r *http.Request, conn *sockets.Conn, peer netip.AddrPort, body []byte, info bodyInfo) {
+	if info.SID != "" {
+		conn.SetSession(info.SID)
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), h.cfg.MaxWait)
+	defer cancel()
+	h.forwarded.Add(1)
+	ans := h.edge.serve(ctx, conn, peer, body, conn.Limits().MaxBOSHRequestsPerSec)
+	if ans.waiter != nil {
+		closeConn := func(hd http.Header) {
+			if h.closeConns.Load() {
+				hd.Set("Connection", "close")
+			}
+		}
+		if h.edge.park(w, r, ans.session, ans.waiter, closeConn) {
+			return
+		}
+		ans = ans.session.await(ctx, ans.waiter)
+	}
+	switch {
+	case ans.status == 0:
+		h.cancelled.Add(1) // the client hung up
+	case ans.status == http.StatusOK:
+		h.write(w, etf.BOSHResponse{Status: ans.status,
+			Headers: []etf.Header{{Name: "Content-Type", Value: "text/xml; charset=utf-8"}}, Body: ans.body})
+	default:
+		h.refuse(w, ans.status, string(bytes.TrimSpace(ans.body)))
 	}
 }
 

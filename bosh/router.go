@@ -50,11 +50,37 @@ type owner struct {
 	lastSeen time.Time
 	jid      string // bound by ejabberd, once it has answered the bind
 
-	// The session's request allowance (admit): a token bucket, and
-	// whether it has been cut for going over it.
+	rate requestRate // the session's request allowance (admit)
+}
+
+// requestRate is a session's request allowance: a token bucket of perSec
+// tokens refilled at perSec a second, and whether the session has been
+// cut for going over it (once cut, it stays cut).
+type requestRate struct {
 	tokens   float64
 	refilled time.Time
 	cut      bool
+}
+
+// take takes one request from the allowance. It reports whether the
+// request may go on, and whether this is the request that cut the session
+// (the first over the rate).
+func (r *requestRate) take(perSec int, now time.Time) (ok, cutNow bool) {
+	switch {
+	case r.cut:
+		return false, false
+	case r.refilled.IsZero():
+		r.tokens = float64(perSec)
+	default:
+		r.tokens = min(float64(perSec), r.tokens+now.Sub(r.refilled).Seconds()*float64(perSec))
+	}
+	r.refilled = now
+	if r.tokens < 1 {
+		r.cut = true
+		return false, true
+	}
+	r.tokens--
+	return true, false
 }
 
 // admit takes one request of session sid from its allowance of perSec
@@ -68,25 +94,12 @@ func (r *router) admit(sid string, perSec int, now time.Time) (ok, cutNow bool) 
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	o, known := r.owners[sid]
-	switch {
-	case !known:
+	if !known {
 		return true, false
-	case o.cut:
-		return false, false
-	case o.refilled.IsZero():
-		o.tokens = float64(perSec)
-	default:
-		o.tokens = min(float64(perSec), o.tokens+now.Sub(o.refilled).Seconds()*float64(perSec))
 	}
-	o.refilled = now
-	if o.tokens < 1 {
-		o.cut = true
-		r.owners[sid] = o
-		return false, true
-	}
-	o.tokens--
+	ok, cutNow = o.rate.take(perSec, now)
 	r.owners[sid] = o
-	return true, false
+	return ok, cutNow
 }
 
 func newRouter(nodes []Node) *router {
@@ -189,7 +202,7 @@ func (r *router) forget(sid string) {
 	// A session cut for its rate stays known as cut (until swept), so
 	// that its client keeps getting policy-violation rather than
 	// whatever ejabberd says of a session it has ended.
-	if !r.owners[sid].cut {
+	if !r.owners[sid].rate.cut {
 		delete(r.owners, sid)
 	}
 	r.mu.Unlock()

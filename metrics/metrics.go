@@ -52,6 +52,7 @@ var (
 	boshRequests      = desc("bosh_requests_total", "BOSH POST requests taken.")
 	boshOutcomes      = desc("bosh_requests_outcome_total", "BOSH requests by outcome: forwarded to ejabberd, refused at the edge, failed (ejabberd unreachable), cancelled (client left), overactive (over the session's request rate: policy-violation).", "outcome")
 	boshSessions      = desc("bosh_sessions", "BOSH sessions routed to each ejabberd node.", "node")
+	boshEdgeSessions  = desc("bosh_edge_sessions", "BOSH sessions the sidecar keeps itself (--bosh-mode edge); each is a stream of its node.")
 	attached          = desc("ejabberd_attached", "1 while attached to the shim on the node.", "node")
 	attachAttempts    = desc("ejabberd_attach_attempts_total", "Attempts to attach to the shim on the node.", "node")
 	inFlight          = desc("bosh_in_flight", "BOSH requests waiting for the node's answer (the bridge's queue).", "node")
@@ -69,7 +70,7 @@ func NewCollector(src Sources) *Collector { return &Collector{src: src} }
 // Describe sends every metric's description.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{buildInfo, connectionsOpen, connsAccepted, connsRefused, bytesIn, bytesOut,
-		draining, limit, streamErrors, handshakeFailures, boshRequests, boshOutcomes, boshSessions, attached,
+		draining, limit, streamErrors, handshakeFailures, boshRequests, boshOutcomes, boshSessions, boshEdgeSessions, attached,
 		attachAttempts, inFlight, streams, linkSent, linkReceived} {
 		ch <- d
 	}
@@ -127,6 +128,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			counter(boshOutcomes, v, boshOutcomeNames[i])
 		}
 		sessions = c.src.BOSH.Sessions()
+		gauge(boshEdgeSessions, float64(b.EdgeOpen))
 	}
 	for _, a := range c.src.Attachments {
 		s := a.State()

@@ -31,13 +31,19 @@ type Config struct {
 	// DistTLSCA empty: plain TCP.
 	DistTLSCert, DistTLSKey, DistTLSCA string
 
-	BOSHAddr   string   // HTTP listener for BOSH and WebSocket ("": off)
-	BOSHPaths  []string // URL paths that serve BOSH
-	WSPath     string   // URL path of XMPP over WebSocket ("": off)
-	C2SAddr    string   // XMPP with STARTTLS ("": off)
-	C2STLSAddr string   // XMPP with direct TLS ("": off)
-	TLSCert    string   // PEM files for client TLS
-	TLSKey     string
+	BOSHAddr  string   // HTTP listener for BOSH and WebSocket ("": off)
+	BOSHPaths []string // URL paths that serve BOSH
+	// BOSHMode is "relay" (every request goes to ejabberd_bosh, the
+	// default) or "edge" (the sidecar keeps the BOSH session and ejabberd
+	// only its c2s; bosh/edge.go). BOSHInactivity is an edge session's
+	// inactivity timeout (0: 30 s, as mod_bosh's max_inactivity).
+	BOSHMode       string
+	BOSHInactivity time.Duration
+	WSPath         string // URL path of XMPP over WebSocket ("": off)
+	C2SAddr        string // XMPP with STARTTLS ("": off)
+	C2STLSAddr     string // XMPP with direct TLS ("": off)
+	TLSCert        string // PEM files for client TLS
+	TLSKey         string
 	// ReusePort opens the client listeners with SO_REUSEPORT, so that
 	// several sidecars (each its own node name) serve the same ports.
 	ReusePort bool
@@ -78,6 +84,12 @@ type Config struct {
 	Logger  *zap.Logger
 }
 
+// The BOSH modes (Config.BOSHMode).
+const (
+	BOSHRelay = "relay"
+	BOSHEdge  = "edge"
+)
+
 // Sidecar is one running Megaphone sidecar.
 type Sidecar struct {
 	cfg      Config
@@ -114,6 +126,13 @@ func New(cfg Config) (*Sidecar, error) {
 	}
 	if cfg.C2STLSAddr != "" && cfg.TLSCert == "" {
 		return nil, errors.New("direct TLS (--c2s-tls-addr) needs --tls-cert and --tls-key")
+	}
+	switch cfg.BOSHMode {
+	case "":
+		cfg.BOSHMode = BOSHRelay
+	case BOSHRelay, BOSHEdge:
+	default:
+		return nil, fmt.Errorf("BOSH mode %q: %s or %s", cfg.BOSHMode, BOSHRelay, BOSHEdge)
 	}
 	if cfg.HandoffLinger <= 0 {
 		cfg.HandoffLinger = time.Hour
@@ -176,7 +195,11 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		boshNodes = append(boshNodes, a)
 	}
 	s.streams = &streamBackend{nodes: s.attached}
-	s.front = bosh.NewHandler(bosh.Config{MaxWait: s.cfg.MaxWait, Logger: s.log}, boshNodes...)
+	edge := bosh.EdgeConfig{Inactivity: s.cfg.BOSHInactivity}
+	if s.cfg.BOSHMode == BOSHEdge {
+		edge.Streams = s.streams
+	}
+	s.front = bosh.NewHandler(bosh.Config{MaxWait: s.cfg.MaxWait, Logger: s.log, Edge: edge}, boshNodes...)
 	s.startTakenOver()
 	stopAdmin := sync.OnceFunc(s.serveAdmin())
 	defer stopAdmin()

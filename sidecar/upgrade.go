@@ -172,6 +172,9 @@ func (s *Sidecar) offerHandoff(ctx context.Context) error {
 // handOver gives the listeners, the links and the plain streams to the
 // process on uc. Until that process has everything and says so, nothing is
 // lost by stopping: on any failure before that, this process carries on.
+// errEdgeNoTakeover refuses a hot upgrade of a sidecar in BOSH edge mode.
+var errEdgeNoTakeover = errors.New("hot upgrade refused: --bosh-mode edge keeps BOSH sessions in this process and they cannot move yet; restart the sidecar instead (its BOSH clients get a system-shutdown terminate)")
+
 func (s *Sidecar) handOver(uc *net.UnixConn) error {
 	if err := peerIsUs(uc); err != nil {
 		return err
@@ -183,6 +186,13 @@ func (s *Sidecar) handOver(uc *net.UnixConn) error {
 	}
 	if kind != frameTakeover || string(hello) != handoffVersion {
 		return fmt.Errorf("takeover speaks %q, we speak %q", hello, handoffVersion)
+	}
+	if s.cfg.BOSHMode == BOSHEdge {
+		// An edge BOSH session lives in this process (its rid window,
+		// held requests, c2s's output not yet answered), and nothing
+		// carries it to another yet: refuse before anything stops, so
+		// no client notices; the operator restarts instead.
+		return errEdgeNoTakeover
 	}
 	s.log.Info("takeover: handing over to a new process")
 	started := time.Now()

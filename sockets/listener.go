@@ -95,10 +95,27 @@ type Conn struct {
 	end       func(cond string) // ends an XMPP stream with a stream error
 	mover     streamMover       // pauses the stream for a takeover (handoff.go)
 	recorder  *wsTap            // keeps a WebSocket's unread bytes for a takeover
+
+	// unread is what a reader took from the socket but did not use, to be
+	// read again first (Unread). Set only between two readers.
+	unread []byte
 }
+
+// Unread makes the next reads return b before the socket's bytes: what a
+// reader of the connection took but did not use, handed to the next one
+// (a BOSH long-poll parked without its HTTP reader, bosh/edgepark.go).
+// Only call it while nothing reads the connection.
+func (c *Conn) Unread(b []byte) { c.unread = append(b[:len(b):len(b)], c.unread...) }
 
 // Read counts what the client sent.
 func (c *Conn) Read(b []byte) (int, error) {
+	if len(c.unread) > 0 {
+		n := copy(b, c.unread)
+		if c.unread = c.unread[n:]; len(c.unread) == 0 {
+			c.unread = nil
+		}
+		return n, nil // counted when it was first read
+	}
 	n, err := c.Conn.Read(b)
 	c.bytesIn.Add(uint64(n))
 	if c.recorder != nil {
@@ -138,6 +155,12 @@ func (c *Conn) wakeReader() {
 
 // Limits returns the limits in force for the connection's registry.
 func (c *Conn) Limits() Limits { return c.registry.Limits() }
+
+// NewStreamID hands out an ID from the sequence connection IDs come from,
+// for a stream that outlives the connection it began on (a BOSH session
+// served at the edge spans many HTTP connections): it never equals a
+// connection's ID, so the two cannot be mixed up on the bridge.
+func (c *Conn) NewStreamID() uint64 { return c.registry.lastID.Add(1) }
 
 // SetTransport names the protocol the connection speaks: tcp, tls,
 // websocket or bosh.

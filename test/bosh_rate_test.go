@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"regexp"
 	"strings"
 	"testing"
@@ -12,9 +13,17 @@ import (
 	"github.com/megaphone-im/megaphone/test/harness"
 )
 
-// boshSessionsExpr counts ejabberd's BOSH session processes.
-const boshSessionsExpr = `length([P || P <- erlang:processes(),
-    case proc_lib:translate_initial_call(P) of {ejabberd_bosh, _, _} -> true; _ -> false end])`
+// boshSessionsExpr counts ejabberd's BOSH session processes: the
+// ejabberd_bosh fsms, or with BOSH at the edge (MEGAPHONE_TEST_BOSH_MODE=edge)
+// the sessions' c2s processes, the only ones they have in ejabberd.
+func boshSessionsExpr() string {
+	mod := "M == ejabberd_bosh"
+	if os.Getenv("MEGAPHONE_TEST_BOSH_MODE") == "edge" {
+		mod = "M == ejabberd_c2s orelse M == xmpp_stream_in"
+	}
+	return `length([P || P <- erlang:processes(),
+    case proc_lib:translate_initial_call(P) of {M, _, _} -> ` + mod + `; _ -> false end])`
+}
 
 // A BOSH client that polls far faster than the session rate set live from
 // ejabberd's shell (megaphone:limits/1) gets a policy-violation terminate
@@ -30,7 +39,7 @@ func TestBOSHOveractiveSessionIsCut(t *testing.T) {
 	}
 	calm := startClient(t, sc.url(), "--mode", "live", "--duration", "10", "--interval-ms", "300", "--timeout", "60")
 	calm.waitReady(t)
-	before := evalInt(t, ej, boshSessionsExpr)
+	before := evalInt(t, ej, boshSessionsExpr())
 
 	// The hostile client sends its requests in order, rids in sequence,
 	// 50 a second, without waiting for answers.
@@ -51,7 +60,7 @@ func TestBOSHOveractiveSessionIsCut(t *testing.T) {
 		t.Fatalf("no session: %s", created)
 	}
 	sid := m[1]
-	if n := evalInt(t, ej, boshSessionsExpr); n != before+1 {
+	if n := evalInt(t, ej, boshSessionsExpr()); n != before+1 {
 		t.Fatalf("%d BOSH sessions in ejabberd after the hostile one opened, want %d", n, before+1)
 	}
 	const hostileRequests = 40
@@ -75,7 +84,7 @@ func TestBOSHOveractiveSessionIsCut(t *testing.T) {
 		t.Errorf("the cut session's next request got %q", a)
 	}
 	waitUntil(t, 10*time.Second, "the hostile session ended in ejabberd", func() bool {
-		return evalInt(t, ej, boshSessionsExpr) == before
+		return evalInt(t, ej, boshSessionsExpr()) == before
 	})
 	if m := scrapeOnce(t, admin); !strings.Contains(m, fmt.Sprintf(`megaphone_bosh_requests_outcome_total{outcome="overactive"} %d`, cut+1)) ||
 		!strings.Contains(m, `megaphone_limit{limit="max_bosh_requests_per_sec"} 5`) {

@@ -57,14 +57,21 @@ func testBOSHSessionsShowHTTPBindAndRealIP(t *testing.T, tg target) {
 		"--local-address", "127.0.0.2")
 	c.waitReady(t)
 
+	wantHTTPBindSessionsFrom127002(t, ej, 2)
+	c.wait(t, time.Minute)
+}
+
+// wantHTTPBindSessionsFrom127002 checks that ejabberd's session table
+// shows want BOSH sessions (http_bind) from the client address 127.0.0.2.
+func wantHTTPBindSessionsFrom127002(t *testing.T, ej *harness.Ejabberd, want int) {
+	t.Helper()
 	info := eval(t, ej, `[ {proplists:get_value(conn, I), proplists:get_value(ip, I)}
 	    || {U, S, R} <- ejabberd_sm:dirty_get_sessions_list(),
 	       I <- [ejabberd_sm:get_user_info(U, S, R)] ]`)
 	re := regexp.MustCompile(`\{http_bind,\{\{127,0,0,2\},\d+\}\}`)
-	if n := len(re.FindAllString(info, -1)); n != 2 {
-		t.Errorf("want 2 sessions {http_bind, {{127,0,0,2}, Port}}, got %s", info)
+	if n := len(re.FindAllString(info, -1)); n != want {
+		t.Errorf("want %d sessions {http_bind, {{127,0,0,2}, Port}}, got %s", want, info)
 	}
-	c.wait(t, time.Minute)
 }
 
 // kill -9 of the sidecar mid-chat: the shim ends the request processes it

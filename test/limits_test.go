@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"regexp"
 	"strings"
 	"testing"
@@ -130,7 +131,19 @@ func TestBOSHWaitBoundedAtTheEdge(t *testing.T) {
 	}
 	// Nothing to say and nothing to hear: ejabberd holds this one for
 	// its wait (60 s).
+	edge := os.Getenv("MEGAPHONE_TEST_BOSH_MODE") == "edge"
+	if edge && !strings.Contains(body, "wait='3'") {
+		t.Errorf("the edge session does not grant wait=3: %q", body)
+	}
 	code, body, took := post(fmt.Sprintf("<body xmlns='%s' sid='%s' rid='101'/>", ns, sid[1]))
+	if edge {
+		// The sidecar keeps the session: the held poll is answered
+		// empty when the wait it granted runs out.
+		if code != http.StatusOK || strings.Contains(body, "terminate") || took > 15*time.Second {
+			t.Errorf("held poll at the edge: %d %q after %s, want an empty answer at --max-wait", code, body, took.Round(100*time.Millisecond))
+		}
+		return
+	}
 	if code != http.StatusGatewayTimeout || took > 15*time.Second {
 		t.Errorf("held poll: %d %q after %s, want 504 at --max-wait", code, body, took.Round(100*time.Millisecond))
 	}

@@ -275,8 +275,14 @@ func spawnSidecar(t *testing.T, ej *harness.Ejabberd, addr string, extra ...stri
 	s.name = fmt.Sprintf("megaphone_e2e_%d@localhost", time.Now().UnixNano()%1e9)
 	// No admin endpoint unless a test asks for one (a later flag wins):
 	// the default address would be shared by every sidecar of the run.
-	args := append([]string{"--node", ej.Node, "--cookie-file", ej.CookieFile,
-		"--name", s.name, "--bosh-addr", addr, "--admin-addr", ""}, extra...)
+	args := []string{"--node", ej.Node, "--cookie-file", ej.CookieFile,
+		"--name", s.name, "--bosh-addr", addr, "--admin-addr", ""}
+	// MEGAPHONE_TEST_BOSH_MODE=edge runs every test's sidecar with BOSH
+	// served at the edge (a test's own --bosh-mode, later, wins).
+	if mode := os.Getenv("MEGAPHONE_TEST_BOSH_MODE"); mode != "" {
+		args = append(args, "--bosh-mode", mode)
+	}
+	args = append(args, extra...)
 	s.cmd = exec.Command(sidecarBin, args...)
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	// A pipe of our own, not StderrPipe (Wait closes that one when the

@@ -55,6 +55,7 @@ type config struct {
 	tsungUsers  int
 	tsungScript string
 	alloc       bool // report where beam's memory sits, per allocator
+	boshMode    string // the sidecar's --bosh-mode for the BOSH transport
 }
 
 func main() {
@@ -76,6 +77,7 @@ func main() {
 	flag.StringVar(&c.plots, "plots", "", "write PNG plots (and their data) into this directory")
 	flag.BoolVar(&c.alloc, "alloc", false, "also report beam's allocators (carriers, blocks, carrier fill) per session")
 	shimEnv := flag.String("shim-env", "", "more of the shim's settings for the run, as key=integer,... (e.g. login_gc_interval=0)")
+	flag.StringVar(&c.boshMode, "bosh-mode", "relay", "the sidecar's --bosh-mode for the BOSH transport: relay (ejabberd_bosh keeps the session) or edge (the sidecar does; ejabberd runs only c2s)")
 	tsung := flag.Bool("tsung", false, "serve both paths on fixed ports and run the Tsung scenarios instead")
 	flag.StringVar(&c.tsungDir, "tsung-dir", "bench/tsung", "Tsung scenario directory")
 	flag.IntVar(&c.tsungUsers, "tsung-users", 2000, "users registered for Tsung (tsung1..tsungN, passwords pw1..pwN)")

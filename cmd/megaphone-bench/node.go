@@ -151,7 +151,7 @@ func startSidecar(ctx context.Context, c config, nd *node, kind loadgen.Kind) (*
 		args = append(args, "--bosh-addr", addr, "--ws-path", "/ws")
 		t.Path = "/ws"
 	case loadgen.BOSH:
-		args = append(args, "--bosh-addr", addr)
+		args = append(args, "--bosh-addr", addr, "--bosh-mode", c.boshMode)
 		t.Path = "/bosh"
 	}
 	return launchSidecar(ctx, c, nd, args, t)

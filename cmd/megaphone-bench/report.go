@@ -27,7 +27,8 @@ func renderReport(c config, idle []idleResult, chats []chatResult, failures []st
 	w("fresh private ejabberd node of the same configuration. KiB per session (growth over the\n")
 	w("idle baseline / N). Total = beam RSS + sidecar RSS + kernel. beam RSS is read once\n")
 	w("mseg_alloc has unmapped the carriers the forced GC emptied; its peak is the highest\n")
-	w("while the sessions logged in and idled (the shim sweeps every %s).\n\n", c.sweep)
+	w("while the sessions logged in and idled (the shim sweeps every %s). BOSH through Megaphone\n", c.sweep)
+	w("runs in %s mode (--bosh-mode).\n\n", c.boshMode)
 	w("| transport | path | N | logins/s | beam RSS | beam RSS peak | Erlang mem | Erlang mem after GC | sidecar RSS | kernel | **total** | Erlang procs | ports |\n")
 	w("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range idle {

@@ -50,6 +50,8 @@ type options struct {
 	boshPaths                                           string
 	maxBody                                             int64
 	maxWait                                             time.Duration
+	boshMode                                            string
+	boshInactivity                                      time.Duration
 	maxConns                                            int
 	maxConnsPerIP                                       int
 	maxBOSHRate                                         int
@@ -108,6 +110,8 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.boshPaths, "bosh-paths", "/bosh,/http-bind", "comma-separated URL paths that serve BOSH")
 	fs.Int64Var(&o.maxBody, "max-body", 256<<10, "largest BOSH request body, and the stanza limit until ejabberd says its own, in bytes (larger BOSH body: 413; SIGHUP applies it)")
 	fs.DurationVar(&o.maxWait, "max-wait", 330*time.Second, "longest a BOSH request may wait for ejabberd")
+	fs.StringVar(&o.boshMode, "bosh-mode", "relay", "relay: every BOSH request goes to ejabberd's own BOSH handler (ejabberd_bosh); edge: the sidecar keeps BOSH sessions itself and ejabberd runs only each session's c2s (one process instead of three; no hot upgrade while edge sessions are open)")
+	fs.DurationVar(&o.boshInactivity, "bosh-inactivity", 30*time.Second, "with --bosh-mode edge: how long a BOSH session may go without a request before it ends (mod_bosh's max_inactivity)")
 	fs.IntVar(&o.maxConns, "max-conns", 0, "most open client connections (0: no limit; SIGHUP applies it)")
 	fs.IntVar(&o.maxConnsPerIP, "max-conns-per-ip", 0, "most open client connections from one address (0: no limit; SIGHUP applies it)")
 	fs.IntVar(&o.maxBOSHRate, "max-bosh-requests-per-sec", 0, "most requests a second one BOSH session may make, in bursts of as many; a session over it is ended with a policy-violation terminate (0: no limit; SIGHUP applies it)")

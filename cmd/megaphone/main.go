@@ -96,7 +96,7 @@ func run(ctx context.Context, o options, log *zap.Logger, level zap.AtomicLevel)
 		Limits:       o.limits(),
 		TickInterval: o.tickInterval, HandshakeTimeout: o.handshake,
 		HTTPHeaderTimeout: o.httpHeaderTimeout, HTTPReadTimeout: o.httpReadTimeout,
-		HTTPIdleTimeout: o.httpIdleTimeout, HTTPMaxHeaderBytes: o.httpMaxHeaderBytes, MaxWait: o.maxWait, ShutdownGrace: o.shutdownGrace,
+		HTTPIdleTimeout: o.httpIdleTimeout, HTTPMaxHeaderBytes: o.httpMaxHeaderBytes, MaxWait: o.maxWait, BOSHMode: o.boshMode, BOSHInactivity: o.boshInactivity, ShutdownGrace: o.shutdownGrace,
 		AdminAddr: o.adminAddr, LogLevel: &level,
 		HandoffSocket: o.handoffSocket, Takeover: o.takeover, HandoffLinger: o.handoffLinger,
 		Version: version, Logger: log,

@@ -28,7 +28,9 @@
                 peer :: endpoint(),
                 local :: endpoint()}).
 
--type transport() :: tcp | tls | websocket.
+%% http_bind: a BOSH session kept by the sidecar (XEP-0124/0206), c2s
+%% behaving as under ejabberd_bosh (its session's connection type).
+-type transport() :: tcp | tls | websocket | http_bind.
 -type endpoint() :: {inet:ip_address(), inet:port_number()}.
 -opaque socket() :: #msock{}.
 -export_type([socket/0, transport/0]).

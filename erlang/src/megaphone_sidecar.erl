@@ -261,7 +261,8 @@ worker_ended(ConnId, ReqId, Reason, State) ->
     logger:error("megaphone: BOSH request ~p/~p crashed: ~p", [ConnId, ReqId, Reason]),
     reject(ConnId, ReqId, <<"Internal Server Error">>, State#state{failed = State#state.failed + 1}).
 
-%% A client stream (TCP, TLS or WebSocket) the sidecar has framed: start
+%% A client stream (TCP, TLS, WebSocket, or a BOSH session the sidecar
+%% serves at the edge) the sidecar has framed: start
 %% ejabberd_c2s on a virtual socket in element mode. accept/1 is cast
 %% before the sidecar hears of the pid, so nothing of the sidecar's can
 %% reach c2s before it has taken its socket.
@@ -385,6 +386,9 @@ start_c2s(ConnId, Socket) ->
 transport(<<"tcp">>) -> {ok, tcp};
 transport(<<"tls">>) -> {ok, tls};
 transport(<<"websocket">>) -> {ok, websocket};
+%% A BOSH session the sidecar serves itself (--bosh-mode edge): c2s runs
+%% as it does under ejabberd_bosh (its session shows as http_bind).
+transport(<<"http_bind">>) -> {ok, http_bind};
 transport(_) -> error.
 
 reject(ConnId, ReqId, Reason, #state{sidecar = Sidecar} = State) ->

@@ -4,7 +4,7 @@
 -module(megaphone_tests).
 -include_lib("eunit/include/eunit.hrl").
 
--export([fake_bosh/2, fake_c2s/1]).
+-export([fake_bosh/2, fake_c2s/1, fake_c2s_reporting/2]).
 
 shim_test_() ->
     {foreach, fun setup/0, fun cleanup/1,
@@ -430,3 +430,53 @@ login_gc_can_be_off() ->
     ?assert(heap_words(C2S) > 50000),
     ?assertMatch(#{gc_login := 0, streams := 1}, megaphone_sidecar:status(Session)),
     C2S ! stop.
+
+%% A BOSH session served at the edge opens its c2s with transport
+%% <<"http_bind">>: the socket c2s gets says http_bind (so c2s behaves as
+%% under ejabberd_bosh); a transport the shim does not know is refused and
+%% starts nothing, and no atom is made of it.
+http_bind_transport_test_() ->
+    {setup,
+     fun() ->
+             setup(),
+             load_source(["-module(ejabberd_c2s_config).", "-export([get_c2s_limits/0]).",
+                          "get_c2s_limits() -> [{max_stanza_size, 65536}]."]),
+             load_source(["-module(ejabberd_c2s).", "-export([start/3, accept/1]).",
+                          "start(SockMod, Socket, _Opts) -> megaphone_tests:fake_c2s_reporting(SockMod, Socket).",
+                          "accept(_Pid) -> ok."])
+     end,
+     fun(Arg) ->
+             [begin code:purge(M), code:delete(M) end || M <- [ejabberd_c2s, ejabberd_c2s_config]],
+             cleanup(Arg)
+     end,
+     fun() ->
+             register(megaphone_transport_probe, self()),
+             Session = hello(self()),
+             Peer = {{127, 0, 0, 1}, 40000},
+             Session ! {c2s_open, 9, <<"http_bind">>, Peer, {{127, 0, 0, 1}, 5280}},
+             C2S = receive {c2s_started, 9, P, #{max_stanza_size := 65536}} -> P
+                   after 2000 -> error(no_c2s) end,
+             receive {c2s_socket, C2S, Transport, Peername, Owner} ->
+                     ?assertEqual(http_bind, Transport),
+                     ?assertEqual({ok, Peer}, Peername),
+                     ?assertEqual(self(), Owner)
+             after 2000 -> error(no_socket_report)
+             end,
+             Atoms = erlang:system_info(atom_count),
+             Session ! {c2s_open, 10, <<"http_bind_x">>, Peer, {{127, 0, 0, 1}, 5280}},
+             receive {c2s_refused, 10, <<"bad c2s_open">>} -> ok
+             after 2000 -> error(no_refusal) end,
+             ?assertEqual(Atoms, erlang:system_info(atom_count)),
+             ?assertMatch(#{streams := 1}, megaphone_sidecar:status(Session)),
+             C2S ! stop,
+             unregister(megaphone_transport_probe)
+     end}.
+
+%% ejabberd_c2s stand-in that reports what xmpp_socket would ask its socket.
+fake_c2s_reporting(SockMod, Socket) ->
+    Pid = spawn(fun() ->
+                        megaphone_transport_probe ! {c2s_socket, self(), SockMod:get_transport(Socket),
+                                                     SockMod:peername(Socket), SockMod:get_owner(Socket)},
+                        fake_c2s_loop()
+                end),
+    {ok, Pid}.
