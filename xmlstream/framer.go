@@ -260,16 +260,23 @@ func (f *Framer) step(c byte) (done bool, err error) {
 			f.state, f.sub = sCDATA, 0
 		}
 	case sCDATA:
+		// f.sub counts the ']' that may begin "]]>"; any other byte, and
+		// a ']' that turns out not to, is character data, which between
+		// stanzas may only be whitespace.
+		var data bool
 		switch {
-		case c == '>' && f.sub >= 2:
+		case c == '>' && f.sub == 2:
 			f.state = sText
+		case c == ']' && f.sub < 2:
+			f.sub++
 		case c == ']':
-			f.sub = min(f.sub+1, 2)
+			data = true // "]]]": the first one is data
 		default:
+			data = f.sub > 0 || !isSpace(c)
 			f.sub = 0
-			if f.depth == 0 && !isSpace(c) {
-				return false, fmt.Errorf("%w: text between stanzas", ErrNotWellFormed)
-			}
+		}
+		if data && f.depth == 0 {
+			return false, fmt.Errorf("%w: text between stanzas", ErrNotWellFormed)
 		}
 	}
 	return false, nil

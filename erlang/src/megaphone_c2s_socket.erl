@@ -14,7 +14,8 @@
 %% nosuspend, so a slow or dead sidecar cannot stall a c2s process. If the
 %% distribution buffer towards the sidecar stays full for longer than
 %% send_busy_timeout, the write fails and c2s closes the stream, rather
-%% than dropping a stanza silently.
+%% than dropping a stanza silently; every later write on that socket fails
+%% too, so nothing written after the lost stanza reaches the client.
 -module(megaphone_c2s_socket).
 
 -export([new/5, conn_id/1]).
@@ -47,12 +48,12 @@ conn_id(#msock{id = Id}) -> Id.
 %% @doc One stream event from c2s, on its way to the client.
 -spec send_xml(socket(), term()) -> ok | {error, closed | overloaded}.
 send_xml(#msock{sidecar = Sidecar, id = Id}, El) ->
-    to_sidecar(Sidecar, {c2s_out, Id, El}).
+    write(Sidecar, Id, {c2s_out, Id, El}).
 
 %% @doc Raw bytes (c2s only sends these in raw mode; kept for completeness).
 -spec send(socket(), iodata()) -> ok | {error, closed | overloaded}.
 send(#msock{sidecar = Sidecar, id = Id}, Data) ->
-    to_sidecar(Sidecar, {c2s_out, Id, {xmlstreamraw, iolist_to_binary(Data)}}).
+    write(Sidecar, Id, {c2s_out, Id, {xmlstreamraw, iolist_to_binary(Data)}}).
 
 %% @doc The sidecar's process: c2s monitors it.
 -spec get_owner(socket()) -> pid().
@@ -93,6 +94,24 @@ get_peer_certificate(_Socket, _Type) -> error.
 %% @doc The sidecar's parser takes a restarted stream header as it comes.
 -spec reset_stream(socket()) -> socket().
 reset_stream(Socket) -> Socket.
+
+%% Once a write has failed, every later write on the socket fails the same
+%% way, as on a gen_tcp socket an error closed. c2s does not stop at a
+%% failed write: it queues its own close and goes on with its mailbox, so
+%% without this a stanza written a moment later, once the link has room
+%% again, would reach the client with the failed one missing. The mark is
+%% kept in the writing process's dictionary (c2s's own: the socket is a
+%% value c2s copies, it has no state of its own to keep it in).
+write(Sidecar, Id, Msg) ->
+    Mark = {?MODULE, write_failed, Sidecar, Id},
+    case get(Mark) of
+        undefined ->
+            case to_sidecar(Sidecar, Msg) of
+                ok -> ok;
+                {error, _} = Failed -> put(Mark, Failed), Failed
+            end;
+        Failed -> Failed
+    end.
 
 %% The distribution buffer towards the sidecar is shared by every stream it
 %% carries, so "busy" says the link is momentarily full (one client's burst
