@@ -242,4 +242,3 @@ func FuzzFramer(f *testing.F) {
 		}
 	})
 }
-
