@@ -13,6 +13,8 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime/debug"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -46,12 +48,29 @@ func main() {
 		os.Exit(2)
 	}
 	defer log.Sync()
+	gogc, from := applyGCPercent(opts.gcPercent, os.LookupEnv)
+	log.Info("garbage collector", zap.String("gogc", gogc), zap.String("from", from))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, opts, log, level); err != nil {
 		log.Error("megaphone stopped", zap.Error(err))
 		os.Exit(1)
 	}
+}
+
+// applyGCPercent sets the collector's goal from --gc-percent unless GOGC is
+// in the environment: the runtime has applied that one already, and an
+// operator who set it meant it. It returns the value in force and where it
+// came from.
+func applyGCPercent(percent int, lookupEnv func(string) (string, bool)) (gogc, from string) {
+	if v, set := lookupEnv("GOGC"); set {
+		return v, "GOGC"
+	}
+	debug.SetGCPercent(percent)
+	if percent < 0 {
+		return "off", "gc-percent"
+	}
+	return strconv.Itoa(percent), "gc-percent"
 }
 
 func newLogger(format, level string) (*zap.Logger, zap.AtomicLevel, error) {
