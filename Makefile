@@ -81,11 +81,15 @@ run: deps build
 	MEGAPHONE_BIN=$(CURDIR)/bin/megaphone MEGAPHONE_SHIM_EBIN=$(SHIM_EBIN) bin/megaphone-dev
 
 # Benchmarks: Megaphone vs ejabberd's own listeners, per transport (TCP,
-# direct TLS, WebSocket, BOSH), on one node in one run: idle-session memory
-# at each of BENCH_N (comma-separated, each at most 19000: the open-files
-# limit), 1:1 chat throughput and latency with BENCH_PAIRS pairs. The report
-# goes to stdout and bench.out.md, the plots to bench/*.png. About 6 minutes
-# at the defaults; e.g. BENCH_N=1000,5000,19000 for the heavier run.
+# direct TLS, WebSocket, BOSH with the sidecar relaying to ejabberd_bosh,
+# and BOSH at the edge, "bosh-edge": the sidecar in --bosh-mode edge; both
+# BOSH columns against mod_bosh), on one node in one run: idle-session
+# memory at each of BENCH_N (comma-separated, each at most 19000: the
+# open-files limit), 1:1 chat throughput and latency with BENCH_PAIRS pairs
+# on every transport. The report goes to stdout and bench.out.md, the plots
+# to bench/*.png. About 17 minutes at the defaults (2-core box); e.g.
+# BENCH_N=1000,5000,19000 for the heavier run, BENCH_FLAGS='-transports
+# bosh,bosh-edge' for BOSH alone.
 BENCH_N     ?= 1000,5000
 BENCH_PAIRS ?= 200
 BENCH_FLAGS ?=

@@ -13,10 +13,10 @@ import (
 )
 
 // TestSmoke runs the whole benchmark at a tiny size, to keep it working:
-// every transport on both paths, chat, the report and (with gnuplot) the
-// plots. It needs the sidecar and the shim (MEGAPHONE_BIN,
-// MEGAPHONE_SHIM_EBIN, as make integration sets them) and takes about two
-// minutes.
+// every transport on both paths (BOSH relayed and at the edge), chat on
+// each, the report and (with gnuplot) the plots. It needs the sidecar and
+// the shim (MEGAPHONE_BIN, MEGAPHONE_SHIM_EBIN, as make integration sets
+// them) and takes about three minutes.
 func TestSmoke(t *testing.T) {
 	bin, ebin := os.Getenv("MEGAPHONE_BIN"), os.Getenv("MEGAPHONE_SHIM_EBIN")
 	if bin == "" || ebin == "" || testing.Short() {
@@ -27,7 +27,7 @@ func TestSmoke(t *testing.T) {
 	// figures, which need two sweeps (minIdle) to mean anything.
 	c := config{bin: bin, ebin: ebin, ns: []int{20}, workers: 10, pairs: 5, chatFor: time.Second, pacedRate: 5,
 		idle: time.Second, sweep: defaultSweep, dialer: loadgen.NewDialer(4), out: filepath.Join(dir, "bench.md"),
-		kinds: []loadgen.Kind{loadgen.TCP, loadgen.TLS, loadgen.WebSocket, loadgen.BOSH}}
+		kinds: transports}
 	if _, err := exec.LookPath("gnuplot"); err == nil {
 		c.plots = dir
 	}
@@ -40,9 +40,26 @@ func TestSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"| TCP c2s | Megaphone | 20 |", "| BOSH | native | 20 |", "| WebSocket | native |", "Failed"} {
+	for _, want := range []string{"| TCP c2s | Megaphone | 20 |", "| BOSH | native | 20 |", "| BOSH (edge) | Megaphone | 20 |", "| WebSocket | native |", "Failed"} {
 		if got := strings.Contains(string(report), want); got != (want != "Failed") {
 			t.Errorf("report: %q present %v\n%s", want, got, report)
+		}
+	}
+	// Every transport chatted on both paths; BOSH, whose chat client is
+	// the newest, lost nothing.
+	_, chat, _ := strings.Cut(string(report), "## 1:1 chat")
+	for _, k := range transports {
+		for _, path := range []string{"Megaphone", "native"} {
+			row := "| " + kindNames[k] + " | " + path + " |"
+			i := strings.Index(chat, row)
+			if i < 0 {
+				t.Errorf("no chat row %q\n%s", row, report)
+				continue
+			}
+			line, _, _ := strings.Cut(chat[i:], "\n")
+			if k.client() == loadgen.BOSH && !strings.HasSuffix(line, "| 0 |") {
+				t.Errorf("chat %s %s lost messages: %s", kindNames[k], path, line)
+			}
 		}
 	}
 	if c.plots != "" {

@@ -16,7 +16,7 @@ import (
 
 // chatResult is one path's 1:1 chat figures for one transport.
 type chatResult struct {
-	kind      loadgen.Kind
+	kind      transport
 	megaphone bool
 	pairs     int
 	loginRate float64 // logins/s of the 2×pairs chatters
@@ -38,7 +38,7 @@ const (
 
 // chatPhase logs in users b1..b<2×pairs> (b1 sends to b2, b3 to b4, ...)
 // and measures both phases.
-func chatPhase(ctx context.Context, c config, nd *node, t loadgen.Target) (chatResult, error) {
+func chatPhase(ctx context.Context, c config, nd *node, kind transport, t loadgen.Target) (chatResult, error) {
 	r := chatResult{pairs: c.pairs}
 	sessions, took, _, err := loginAll(ctx, c, t, "b", 1, 2*c.pairs)
 	if err != nil {
@@ -148,7 +148,7 @@ func chatPhase(ctx context.Context, c config, nd *node, t loadgen.Target) (chatR
 	r.p50, r.p99 = percentile(sat, 50), percentile(sat, 99)
 	r.pacedP50, r.pacedP99 = percentile(pc, 50), percentile(pc, 99)
 	r.lost = int(pacedSent.Load()) - len(pc)
-	fmt.Printf("%s %s chat: %.0f msg/s, p50 %v p99 %v; paced %.0f msg/s p50 %v p99 %v, %d lost\n", t.Kind, t.Addr,
+	fmt.Printf("%s %s chat: %.0f msg/s, p50 %v p99 %v; paced %.0f msg/s p50 %v p99 %v, %d lost\n", kind, t.Addr,
 		r.rate, r.p50, r.p99, r.pacedRate, r.pacedP50, r.pacedP99, r.lost)
 	return r, nil
 }

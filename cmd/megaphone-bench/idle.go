@@ -17,7 +17,7 @@ func minIdle(sweep time.Duration) time.Duration { return 3*sweep + time.Second }
 
 // idleResult is one path's idle-session cost at one N, per session.
 type idleResult struct {
-	kind      loadgen.Kind
+	kind      transport
 	megaphone bool
 	n         int
 	loginRate float64 // logins/s
@@ -33,7 +33,7 @@ type idleResult struct {
 // sidecar and the kernel's half of the loopback connection.
 func (r idleResult) total() float64 { return r.beamRSS + r.sidecarRSS + r.kernel }
 
-func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.Target, n int) (idleResult, error) {
+func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, kind transport, t loadgen.Target, n int) (idleResult, error) {
 	pid := 0
 	if sc != nil {
 		pid = sc.pid()
@@ -59,7 +59,7 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, t loadgen.T
 	loaded, err := measure(ctx, nd.ej, pid)
 	var allocators string
 	if err == nil && c.alloc {
-		label := fmt.Sprintf("%s, %s, N=%d", t.Kind, pathName(sc != nil), n)
+		label := fmt.Sprintf("%s, %s, N=%d", kindNames[kind], pathName(sc != nil), n)
 		allocators, err = allocBreakdown(ctx, nd.ej, label, n, baseAlloc, base.beamRSS, loaded.beamRSS)
 	}
 	if err == nil {

@@ -1,6 +1,7 @@
 // Command megaphone-bench measures Megaphone side by side with ejabberd's
 // own listeners, per transport (plain TCP c2s, direct-TLS c2s, WebSocket,
-// BOSH), on the same private ejabberd node in the same run:
+// BOSH relayed to ejabberd_bosh and BOSH kept by the sidecar at the edge,
+// both against mod_bosh), on the same private ejabberd node in the same run:
 //
 //   - idle sessions at several N: memory per session (sidecar RSS, beam RSS,
 //     erlang:memory(total), kernel sockets), Erlang processes and ports per
@@ -26,6 +27,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -40,7 +42,7 @@ import (
 type config struct {
 	bin, ebin   string // sidecar binary, shim ebin
 	ns          []int
-	kinds       []loadgen.Kind
+	kinds       []transport
 	workers     int
 	pairs       int
 	chatFor     time.Duration
@@ -55,7 +57,41 @@ type config struct {
 	tsungUsers  int
 	tsungScript string
 	alloc       bool // report where beam's memory sits, per allocator
-	boshMode    string // the sidecar's --bosh-mode for the BOSH transport
+}
+
+// transport is what one column of the benchmark measures: the clients'
+// transport and, for BOSH, how the sidecar serves it. The native side of
+// both BOSH columns is ejabberd's mod_bosh.
+type transport string
+
+const (
+	transportTCP       transport = "tcp"
+	transportTLS       transport = "tls"
+	transportWebSocket transport = "ws"
+	transportBOSH      transport = "bosh"      // the sidecar relays to ejabberd_bosh (--bosh-mode relay)
+	transportBOSHEdge  transport = "bosh-edge" // the sidecar keeps the sessions (--bosh-mode edge)
+)
+
+// transports is every transport, in the report's order.
+var transports = []transport{transportTCP, transportTLS, transportWebSocket, transportBOSH, transportBOSHEdge}
+
+// client is the load generator's transport.
+func (t transport) client() loadgen.Kind {
+	if t == transportBOSHEdge {
+		return loadgen.BOSH
+	}
+	return loadgen.Kind(t)
+}
+
+// boshMode is the sidecar's --bosh-mode; "" for the stream transports.
+func (t transport) boshMode() string {
+	switch t {
+	case transportBOSH:
+		return "relay"
+	case transportBOSHEdge:
+		return "edge"
+	}
+	return ""
 }
 
 func main() {
@@ -65,7 +101,7 @@ func main() {
 	var c config
 	scale, scaleSettings := scaleFlags()
 	ns := flag.String("n", "1000,5000", "idle sessions per side, comma-separated (each at most about 19000: the open-files limit)")
-	kinds := flag.String("transports", "tcp,tls,ws,bosh", "transports to measure")
+	kinds := flag.String("transports", "tcp,tls,ws,bosh,bosh-edge", "transports to measure: tcp, tls, ws, bosh (the sidecar in --bosh-mode relay), bosh-edge (--bosh-mode edge)")
 	flag.IntVar(&c.workers, "workers", 50, "concurrent logins")
 	sources := flag.Int("sources", 8, "loopback source addresses for the clients (127.0.0.2 and up)")
 	flag.IntVar(&c.pairs, "pairs", 200, "chatting pairs (0: no chat)")
@@ -77,7 +113,7 @@ func main() {
 	flag.StringVar(&c.plots, "plots", "", "write PNG plots (and their data) into this directory")
 	flag.BoolVar(&c.alloc, "alloc", false, "also report beam's allocators (carriers, blocks, carrier fill) per session")
 	shimEnv := flag.String("shim-env", "", "more of the shim's settings for the run, as key=integer,... (e.g. login_gc_interval=0)")
-	flag.StringVar(&c.boshMode, "bosh-mode", "relay", "the sidecar's --bosh-mode for the BOSH transport: relay (ejabberd_bosh keeps the session) or edge (the sidecar does; ejabberd runs only c2s)")
+	boshMode := flag.String("bosh-mode", "relay", "what the bosh transport runs: relay, or edge (then it is bosh-edge); kept for older command lines, -transports bosh-edge says it")
 	tsung := flag.Bool("tsung", false, "serve both paths on fixed ports and run the Tsung scenarios instead")
 	flag.StringVar(&c.tsungDir, "tsung-dir", "bench/tsung", "Tsung scenario directory")
 	flag.IntVar(&c.tsungUsers, "tsung-users", 2000, "users registered for Tsung (tsung1..tsungN, passwords pw1..pwN)")
@@ -91,7 +127,7 @@ func main() {
 		c.ns, err = parseInts(*ns)
 	}
 	if err == nil {
-		c.kinds, err = parseKinds(*kinds)
+		c.kinds, err = parseKinds(*kinds, *boshMode)
 	}
 	if err == nil {
 		c.shimEnv, err = parseShimEnv(*shimEnv)
@@ -148,14 +184,23 @@ func parseShimEnv(s string) (map[string]int, error) {
 	return env, nil
 }
 
-func parseKinds(s string) ([]loadgen.Kind, error) {
-	var out []loadgen.Kind
+// parseKinds reads -transports. boshMode is -bosh-mode: edge makes bosh
+// bosh-edge, as the flag did before bosh-edge was a transport of its own.
+func parseKinds(s, boshMode string) ([]transport, error) {
+	if boshMode != "relay" && boshMode != "edge" {
+		return nil, fmt.Errorf("bad -bosh-mode %q (relay, edge)", boshMode)
+	}
+	var out []transport
 	for _, f := range strings.Split(s, ",") {
-		switch k := loadgen.Kind(strings.TrimSpace(f)); k {
-		case loadgen.TCP, loadgen.TLS, loadgen.WebSocket, loadgen.BOSH:
+		k := transport(strings.TrimSpace(f))
+		if !slices.Contains(transports, k) {
+			return nil, fmt.Errorf("unknown transport %q (tcp, tls, ws, bosh, bosh-edge)", f)
+		}
+		if k == transportBOSH && boshMode == "edge" {
+			k = transportBOSHEdge
+		}
+		if !slices.Contains(out, k) {
 			out = append(out, k)
-		default:
-			return nil, fmt.Errorf("unknown transport %q (tcp, tls, ws, bosh)", f)
 		}
 	}
 	return out, nil
@@ -184,7 +229,7 @@ func run(ctx context.Context, c config) error {
 	var failures []string
 	for _, kind := range c.kinds {
 		for i, n := range c.ns {
-			chat := i == 0 && c.pairs > 0 && kind != loadgen.BOSH
+			chat := i == 0 && c.pairs > 0
 			rs, cs, err := runCell(ctx, c, kind, n, chat)
 			if err != nil {
 				// The other cells still run; the report names the failure.
@@ -215,7 +260,7 @@ func run(ctx context.Context, c config) error {
 // natively, each on a fresh node of the same configuration. Sharing one
 // node would skew beam RSS: the allocators keep the carriers the first
 // side's logins grew, and the second side grows into them unseen.
-func runCell(ctx context.Context, c config, kind loadgen.Kind, n int, chat bool) ([]idleResult, []chatResult, error) {
+func runCell(ctx context.Context, c config, kind transport, n int, chat bool) ([]idleResult, []chatResult, error) {
 	var idle []idleResult
 	var chats []chatResult
 	for _, megaphone := range []bool{true, false} {
@@ -232,7 +277,7 @@ func runCell(ctx context.Context, c config, kind loadgen.Kind, n int, chat bool)
 	return idle, chats, nil
 }
 
-func runSide(ctx context.Context, c config, kind loadgen.Kind, n int, chat, megaphone bool) (idleResult, chatResult, error) {
+func runSide(ctx context.Context, c config, kind transport, n int, chat, megaphone bool) (idleResult, chatResult, error) {
 	r, cr := idleResult{kind: kind, megaphone: megaphone}, chatResult{kind: kind, megaphone: megaphone}
 	users := n
 	if chat && 2*c.pairs > users {
@@ -244,7 +289,7 @@ func runSide(ctx context.Context, c config, kind loadgen.Kind, n int, chat, mega
 	}
 	defer nd.ej.Stop()
 	var sc *sidecar
-	target := nd.nativeTarget(kind)
+	target := nd.nativeTarget(kind.client())
 	if megaphone {
 		if sc, err = startSidecar(ctx, c, nd, kind); err != nil {
 			return r, cr, err
@@ -252,12 +297,12 @@ func runSide(ctx context.Context, c config, kind loadgen.Kind, n int, chat, mega
 		defer sc.stop()
 		target = sc.target
 	}
-	if r, err = idlePhase(ctx, c, nd, sc, target, n); err != nil {
+	if r, err = idlePhase(ctx, c, nd, sc, kind, target, n); err != nil {
 		return r, cr, err
 	}
 	r.kind, r.megaphone = kind, megaphone
 	if chat {
-		cr, err = chatPhase(ctx, c, nd, target)
+		cr, err = chatPhase(ctx, c, nd, kind, target)
 		cr.kind, cr.megaphone = kind, megaphone
 	}
 	return r, cr, err

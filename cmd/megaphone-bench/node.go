@@ -29,8 +29,13 @@ type node struct {
 }
 
 // boshInactivity ends BOSH sessions soon after their client hangs up, so
-// that a side's sessions are gone soon after its run. Not for Tsung, whose
-// BOSH client leaves gaps between requests longer than that.
+// that a side's sessions are gone soon after its run: mod_bosh's
+// max_inactivity, and the edge sidecar's --bosh-inactivity, so that both
+// paths run with the same. Not for Tsung, whose BOSH client leaves gaps
+// between requests longer than that. A session that chats never goes that
+// long without a request held: loadgen's client polls as soon as an answer
+// leaves none (and, ejabberd_bosh's inactivity timer starting with each
+// answer, it must within this).
 const boshInactivity = 5 * time.Second
 
 // startNode starts a node with users b1..b<users>. opts may fix ejabberd's
@@ -134,24 +139,24 @@ type sidecar struct {
 	target loadgen.Target
 }
 
-func startSidecar(ctx context.Context, c config, nd *node, kind loadgen.Kind) (*sidecar, error) {
+func startSidecar(ctx context.Context, c config, nd *node, kind transport) (*sidecar, error) {
 	port, err := harness.FreePort()
 	if err != nil {
 		return nil, err
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	args := nd.sidecarArgs()
-	t := loadgen.Target{Kind: kind, Addr: addr, Domain: "localhost"}
+	t := loadgen.Target{Kind: kind.client(), Addr: addr, Domain: "localhost"}
 	switch kind {
-	case loadgen.TCP:
+	case transportTCP:
 		args = append(args, "--c2s-addr", addr, "--bosh-addr", "127.0.0.1:0")
-	case loadgen.TLS:
+	case transportTLS:
 		args = append(args, "--c2s-tls-addr", addr, "--tls-cert", c.cert, "--tls-key", c.key, "--bosh-addr", "127.0.0.1:0")
-	case loadgen.WebSocket:
+	case transportWebSocket:
 		args = append(args, "--bosh-addr", addr, "--ws-path", "/ws")
 		t.Path = "/ws"
-	case loadgen.BOSH:
-		args = append(args, "--bosh-addr", addr, "--bosh-mode", c.boshMode)
+	case transportBOSH, transportBOSHEdge:
+		args = append(args, "--bosh-addr", addr, "--bosh-mode", kind.boshMode(), "--bosh-inactivity", boshInactivity.String())
 		t.Path = "/bosh"
 	}
 	return launchSidecar(ctx, c, nd, args, t)

@@ -5,17 +5,17 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
-
-	"github.com/megaphone-im/megaphone/cmd/megaphone-bench/loadgen"
 )
 
-var kindNames = map[loadgen.Kind]string{
-	loadgen.TCP:       "TCP c2s",
-	loadgen.TLS:       "TLS c2s",
-	loadgen.WebSocket: "WebSocket",
-	loadgen.BOSH:      "BOSH",
+var kindNames = map[transport]string{
+	transportTCP:       "TCP c2s",
+	transportTLS:       "TLS c2s",
+	transportWebSocket: "WebSocket",
+	transportBOSH:      "BOSH",
+	transportBOSHEdge:  "BOSH (edge)",
 }
 
 func renderReport(c config, idle []idleResult, chats []chatResult, failures []string, took time.Duration) string {
@@ -28,7 +28,8 @@ func renderReport(c config, idle []idleResult, chats []chatResult, failures []st
 	w("idle baseline / N). Total = beam RSS + sidecar RSS + kernel. beam RSS is read once\n")
 	w("mseg_alloc has unmapped the carriers the forced GC emptied; its peak is the highest\n")
 	w("while the sessions logged in and idled (the shim sweeps every %s). BOSH through Megaphone\n", c.sweep)
-	w("runs in %s mode (--bosh-mode).\n\n", c.boshMode)
+	w("is relayed to ejabberd_bosh (--bosh-mode relay); BOSH (edge) is the sidecar keeping the sessions\n")
+	w("(--bosh-mode edge). The native side of both is ejabberd's mod_bosh.\n\n")
 	w("| transport | path | N | logins/s | beam RSS | beam RSS peak | Erlang mem | Erlang mem after GC | sidecar RSS | kernel | **total** | Erlang procs | ports |\n")
 	w("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range idle {
@@ -92,7 +93,7 @@ func plot(dir string, idle []idleResult, chats []chatResult) error {
 		return err
 	}
 	var mem strings.Builder
-	var kinds []loadgen.Kind
+	var kinds []transport
 	for _, r := range idle {
 		if len(kinds) == 0 || kinds[len(kinds)-1] != r.kind {
 			kinds = append(kinds, r.kind)
@@ -196,6 +197,6 @@ func isLargest(r idleResult, idle []idleResult) bool {
 	return true
 }
 
-func colour(k loadgen.Kind) int {
-	return map[loadgen.Kind]int{loadgen.TCP: 1, loadgen.TLS: 2, loadgen.WebSocket: 3, loadgen.BOSH: 4}[k]
+func colour(k transport) int {
+	return slices.Index(transports, k) + 1
 }
