@@ -192,7 +192,7 @@ func newUpgradeRun(t *testing.T, tg target, withTLS bool) *upgradeRun {
 func (u *upgradeRun) clients(pairs map[string][]string) {
 	t := u.t
 	live := []string{"--password", demoPassword, "--mode", "live", "--duration", fmt.Sprint(upgradeCapSeconds),
-		"--until-signal", "--interval-ms", "100", "--settle", "5", "--timeout", fmt.Sprint(upgradeCapSeconds+60)}
+		"--until-signal", "--interval-ms", "100", "--settle", "5", "--timeout", fmt.Sprint(upgradeCapSeconds + 60)}
 	u.live = make(map[string]*nodeClient)
 	for name, args := range pairs {
 		u.live[name] = startNodeClient(t, append(args, live...)...)
