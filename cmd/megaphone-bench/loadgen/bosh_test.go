@@ -77,14 +77,7 @@ func TestBOSHChat(t *testing.T) {
 		if err := sender.Send(ChatMessage("b2@localhost", strconv.Itoa(i))); err != nil {
 			t.Fatal(err)
 		}
-		select {
-		case body := <-got:
-			if body != strconv.Itoa(i) {
-				t.Fatalf("message %d arrived as %q", i, body)
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatalf("message %d not delivered", i)
-		}
+		expectDelivered(t, got, i)
 	}
 	// A burst: the sender waits for a free connection, nothing is lost.
 	for i := n; i < 2*n; i++ {
@@ -93,14 +86,7 @@ func TestBOSHChat(t *testing.T) {
 		}
 	}
 	for i := n; i < 2*n; i++ {
-		select {
-		case body := <-got:
-			if body != strconv.Itoa(i) {
-				t.Fatalf("message %d arrived as %q", i, body)
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatalf("message %d not delivered", i)
-		}
+		expectDelivered(t, got, i)
 	}
 	if got := cm.conns.Load(); got != 3 {
 		t.Fatalf("%d connections, want 3 (the sender's second one)", got)
@@ -394,4 +380,17 @@ func (cm *fakeCM) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	cm.mu.Unlock()
 	write(answer)
+}
+
+// expectDelivered fails unless message i is the next one on got.
+func expectDelivered(t *testing.T, got <-chan string, i int) {
+	t.Helper()
+	select {
+	case body := <-got:
+		if body != strconv.Itoa(i) {
+			t.Fatalf("message %d arrived as %q", i, body)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("message %d not delivered", i)
+	}
 }
