@@ -40,7 +40,7 @@ func TestSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"| TCP c2s | Megaphone | 20 |", "| BOSH | native | 20 |", "| BOSH (edge) | Megaphone | 20 |", "| WebSocket | native |", "Failed"} {
+	for _, want := range []string{"| TCP c2s | Megaphone | 20 |", "| BOSH | native | 20 |", "| BOSH (edge) | Megaphone | 20 |", "| BOSH (edge) | native | 20 |", "| WebSocket | native |", "Failed"} {
 		if got := strings.Contains(string(report), want); got != (want != "Failed") {
 			t.Errorf("report: %q present %v\n%s", want, got, report)
 		}

@@ -29,7 +29,8 @@ func renderReport(c config, idle []idleResult, chats []chatResult, failures []st
 	w("mseg_alloc has unmapped the carriers the forced GC emptied; its peak is the highest\n")
 	w("while the sessions logged in and idled (the shim sweeps every %s). BOSH through Megaphone\n", c.sweep)
 	w("is relayed to ejabberd_bosh (--bosh-mode relay); BOSH (edge) is the sidecar keeping the sessions\n")
-	w("(--bosh-mode edge). The native side of both is ejabberd's mod_bosh.\n\n")
+	w("(--bosh-mode edge). The native side of both is ejabberd's mod_bosh, measured once: when both\n")
+	w("columns run, BOSH (edge)'s native rows repeat BOSH's.\n\n")
 	w("| transport | path | N | logins/s | beam RSS | beam RSS peak | Erlang mem | Erlang mem after GC | sidecar RSS | kernel | **total** | Erlang procs | ports |\n")
 	w("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range idle {
