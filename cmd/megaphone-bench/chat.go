@@ -27,7 +27,8 @@ type chatResult struct {
 	// Paced: each pair sends at a fixed rate whatever happens.
 	pacedRate          float64 // offered messages per second, all pairs
 	pacedP50, pacedP99 time.Duration
-	lost               int // paced messages not delivered within the grace
+	lost               int     // paced messages not delivered within the grace
+	cpu                chatCPU // saturated phase, per message
 }
 
 // phase tags each message so that a late delivery counts in its own phase.
@@ -38,7 +39,7 @@ const (
 
 // chatPhase logs in users b1..b<2×pairs> (b1 sends to b2, b3 to b4, ...)
 // and measures both phases.
-func chatPhase(ctx context.Context, c config, nd *node, kind transport, t loadgen.Target) (chatResult, error) {
+func chatPhase(ctx context.Context, c config, nd *node, sidecarPid int, kind transport, t loadgen.Target) (chatResult, error) {
 	r := chatResult{pairs: c.pairs}
 	sessions, took, _, err := loginAll(ctx, c, t, "b", 1, 2*c.pairs)
 	if err != nil {
@@ -86,6 +87,7 @@ func chatPhase(ctx context.Context, c config, nd *node, kind transport, t loadge
 	var sent atomic.Int64
 	var failed atomic.Value
 	var senders sync.WaitGroup
+	cpuBefore := sampleCPU(nd.ej.Pid, sidecarPid)
 	end := time.Now().Add(c.chatFor)
 	for p := 0; p < c.pairs; p++ {
 		senders.Add(1)
@@ -109,6 +111,7 @@ func chatPhase(ctx context.Context, c config, nd *node, kind transport, t loadge
 	senders.Wait()
 	satCount := sent.Load()
 	r.rate = float64(satCount) / c.chatFor.Seconds()
+	r.cpu = perMessage(cpuBefore, sampleCPU(nd.ej.Pid, sidecarPid), satCount)
 
 	// Paced: every pair sends pacedRate messages a second, staggered.
 	interval := time.Duration(float64(time.Second) / c.pacedRate)

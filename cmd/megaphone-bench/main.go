@@ -331,7 +331,11 @@ func runSide(ctx context.Context, c config, kind transport, n int, chat, megapho
 	}
 	r.kind, r.megaphone = kind, megaphone
 	if chat {
-		cr, err = chatPhase(ctx, c, nd, kind, target)
+		pid := 0
+		if sc != nil {
+			pid = sc.pid()
+		}
+		cr, err = chatPhase(ctx, c, nd, pid, kind, target)
 		cr.kind, cr.megaphone = kind, megaphone
 	}
 	return r, cr, err

@@ -64,6 +64,13 @@ func renderReport(c config, idle []idleResult, chats []chatResult, failures []st
 			m, n := chats[i], chats[i+1]
 			w("| %s | %.2f | %+.2f |\n", kindNames[m.kind], m.rate/n.rate, ms(m.pacedP99)-ms(n.pacedP99))
 		}
+		w("\nCPU per message delivered, saturated phase, µs (user + system, from /proc): the clients\n")
+		w("run on the same two cores, so the server's total per message is what bounds throughput.\n\n")
+		w("| transport | path | beam | sidecar | **server total** | clients | box busy |\n|---|---|---|---|---|---|---|\n")
+		for _, r := range chats {
+			w("| %s | %s | %.1f | %.1f | **%.1f** | %.1f | %.0f%% |\n", kindNames[r.kind], pathName(r.megaphone),
+				us(r.cpu.beam), us(r.cpu.sidecar), us(r.cpu.server()), us(r.cpu.clients), 100*r.cpu.boxBusy)
+		}
 	}
 	for _, r := range idle {
 		b.WriteString(r.allocators)
