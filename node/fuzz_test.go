@@ -4,10 +4,8 @@ import (
 	"io"
 	"net"
 	"testing"
-	"time"
 
 	"github.com/megaphone-im/megaphone/etf"
-	"go.uber.org/zap"
 )
 
 // FuzzLinkDispatch feeds the link any frame a compromised or broken node
@@ -57,10 +55,7 @@ func FuzzLinkDispatch(f *testing.F) {
 		ours, theirs := net.Pipe()
 		drained := make(chan struct{})
 		go func() { _, _ = io.Copy(io.Discard, theirs); close(drained) }() // our answers (acks, noproc)
-		l := &Link{node: n, peer: peerInfo{name: "ejabberd@localhost"}, conn: ours, log: zap.NewNop(),
-			handler: func(*Link, Delivery) {}, writeTimeout: time.Second,
-			monitors: make(map[string]monitorEntry), links: make(map[etf.Pid]struct{}),
-			done: make(chan struct{}), parked: make(chan struct{})}
+		l := n.newLink(ours, nil, peerInfo{name: "ejabberd@localhost"}, func(*Link, Delivery) {})
 		_ = l.dispatch(frame)
 		l.Close()
 		<-drained
