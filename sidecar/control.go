@@ -78,9 +78,12 @@ func (s *Sidecar) statusTerm(peer string) etf.Term {
 			{Key: etf.Atom("streams"), Value: a.Streams()},
 		})
 	}
-	boshSessions := 0
+	// Relayed sessions are routed to one node each; sessions at the edge
+	// (--bosh-mode edge) are this process's own, each a stream of a node.
+	boshSessions, boshEdgeSessions := 0, 0
 	if s.front != nil {
 		boshSessions = s.front.Sessions()[peer]
+		boshEdgeSessions = s.front.Stats().EdgeOpen
 	}
 	return etf.Map{
 		{Key: etf.Atom("name"), Value: []byte(s.cfg.Name)},
@@ -90,6 +93,7 @@ func (s *Sidecar) statusTerm(peer string) etf.Term {
 		{Key: etf.Atom("open"), Value: st.Open},
 		{Key: etf.Atom("connections"), Value: byTransport},
 		{Key: etf.Atom("bosh_sessions"), Value: boshSessions},
+		{Key: etf.Atom("bosh_edge_sessions"), Value: boshEdgeSessions},
 		{Key: etf.Atom("accepted"), Value: st.Accepted},
 		{Key: etf.Atom("refused"), Value: refused},
 		{Key: etf.Atom("bytes_in"), Value: st.BytesIn},

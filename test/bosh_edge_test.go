@@ -62,6 +62,10 @@ func testBOSHEdgeChatWithStreamUser(t *testing.T, tg target) {
 	}
 	t.Logf("process count grew by %d for 2 sessions", evalInt(t, ej, "erlang:system_info(process_count)")-before)
 	wantHTTPBindSessionsFrom127002(t, ej, 2)
+	// The operator sees them in megaphone:status(): the sidecar keeps them.
+	if n := evalInt(t, ej, `lists:sum([maps:get(bosh_edge_sessions, maps:get(report, S)) || S <- maps:get(sidecars, megaphone:status())])`); n != 2 {
+		t.Errorf("megaphone:status() reports %d BOSH sessions at the edge, want 2", n)
+	}
 	c.wait(t, time.Minute)
 	waitUntil(t, 10*time.Second, "nothing left after logout", func() bool {
 		return evalInt(t, ej, "length(ejabberd_sm:dirty_get_sessions_list())") == 0 &&

@@ -86,7 +86,7 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, kind transp
 		ports:      float64(loaded.ports-base.ports) / float64(n),
 		allocators: allocators,
 	}
-	return r, settle(ctx, nd)
+	return r, nil
 }
 
 // watchPeakRSS samples a process's RSS every 100 ms until the returned

@@ -331,6 +331,11 @@ func runSide(ctx context.Context, c config, kind transport, n int, chat, megapho
 	}
 	r.kind, r.megaphone = kind, megaphone
 	if chat {
+		// The chat starts from where the idle phase started; without a
+		// chat the node is stopped next, so there is nothing to wait for.
+		if err := settle(ctx, nd); err != nil {
+			return r, cr, err
+		}
 		pid := 0
 		if sc != nil {
 			pid = sc.pid()

@@ -226,24 +226,38 @@ type sample struct {
 	processes, ports                           int
 }
 
+// measureExpr samples the node in one probe (each probe is an Erlang node
+// to start, a second or more on a busy box): memory, processes and ports
+// as the sessions sit, memory after a forced GC of every process, and
+// then, once mseg_alloc has unmapped what that GC emptied (segmentCache),
+// how many segments were still cached when the wait gave up.
+const measureExpr = `
+Total = erlang:memory(total), Procs = erlang:system_info(process_count), Ports = erlang:system_info(port_count),
+[erlang:garbage_collect(P) || P <- processes()], [erlang:garbage_collect(P) || P <- processes()],
+AfterGC = erlang:memory(total),
+` + segmentCacheWait + `,
+{Total, Procs, Ports, AfterGC, SegmentsLeft}`
+
 func measure(ctx context.Context, ej *harness.Ejabberd, sidecarPid int) (sample, error) {
 	var s sample
-	v, err := ej.Eval(ctx, `{erlang:memory(total), erlang:system_info(process_count), erlang:system_info(port_count),
-	    begin [erlang:garbage_collect(P) || P <- processes()], [erlang:garbage_collect(P) || P <- processes()],
-	    erlang:memory(total) end}`)
+	// The wait for mseg_alloc is up to 30 s, and the probe node itself can
+	// take many seconds to start on a busy box.
+	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
+	v, err := ej.Eval(ctx, measureExpr)
 	if err != nil {
 		return s, err
 	}
 	f := strings.FieldsFunc(v, func(r rune) bool { return r == '{' || r == '}' || r == ',' || r == ' ' || r == '\n' })
-	if len(f) != 4 {
+	if len(f) != 5 {
 		return s, fmt.Errorf("unexpected %q", v)
 	}
 	s.erlangTotal, _ = strconv.ParseInt(f[0], 10, 64)
 	s.processes, _ = strconv.Atoi(f[1])
 	s.ports, _ = strconv.Atoi(f[2])
 	s.erlangGC, _ = strconv.ParseInt(f[3], 10, 64)
-	if err := waitSegmentCache(ctx, ej); err != nil {
-		return s, err
+	if f[4] != "0" {
+		fmt.Fprintf(os.Stderr, "megaphone-bench: %s segments still in mseg_alloc's cache after 30 s\n", f[4])
 	}
 	s.beamRSS = rss(ej.Pid)
 	if sidecarPid > 0 {
@@ -253,33 +267,19 @@ func measure(ctx context.Context, ej *harness.Ejabberd, sidecarPid int) (sample,
 	return s, nil
 }
 
-// segmentCacheExpr waits (at most 30 s) until mseg_alloc has given every
-// segment in its cache back to the OS, and returns how many are left.
-// Carriers a collection empties wait in that cache (up to 10 per scheduler,
-// 1-8 MiB each), which gives one back about every second: read at once
-// after the forced GC, beam's RSS counted them, up to 16 KiB per session at
-// N=5000 (BENCH.md, 2026-12-02), memory the node returns within seconds
-// on its own.
-const segmentCacheExpr = `
+// segmentCacheWait waits (at most 30 s) until mseg_alloc has given every
+// segment in its cache back to the OS, and binds SegmentsLeft to how many
+// are left. Carriers a collection empties wait in that cache (up to 10 per
+// scheduler, 1-8 MiB each), which gives one back about every second: read
+// at once after the forced GC, beam's RSS counted them, up to 16 KiB per
+// session at N=5000 (BENCH.md, 2026-12-02), memory the node returns
+// within seconds on its own.
+const segmentCacheWait = `
 Cached = fun() -> lists:sum([proplists:get_value(cached_segments, proplists:get_value(status, M, []), 0)
                              || {instance, _, I} <- erlang:system_info({allocator, mseg_alloc}),
                                 {memkind, M} <- I]) end,
 Wait = fun W(0) -> Cached(); W(K) -> case Cached() of 0 -> 0; _ -> timer:sleep(250), W(K - 1) end end,
-Wait(120)`
-
-func waitSegmentCache(ctx context.Context, ej *harness.Ejabberd) error {
-	// The probe node itself can take many seconds to start on a busy box.
-	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
-	defer cancel()
-	v, err := ej.Eval(ctx, segmentCacheExpr)
-	if err != nil {
-		return fmt.Errorf("waiting for mseg_alloc's cache: %w", err)
-	}
-	if left := strings.TrimSpace(v); left != "0" {
-		fmt.Fprintf(os.Stderr, "megaphone-bench: %s segments still in mseg_alloc's cache after 30 s\n", left)
-	}
-	return nil
-}
+SegmentsLeft = Wait(120)`
 
 func rss(pid int) int64 {
 	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
