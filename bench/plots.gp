@@ -5,7 +5,7 @@ set output 'memory.png'
 set title 'Total memory per idle session (beam RSS + sidecar RSS + kernel), lower is better'
 set xlabel 'idle sessions (N)'
 set ylabel 'KiB per session'
-set yrange [0:*]
+set autoscale y
 plot 'memory.dat' index 0 using 1:2 with linespoints lw 2 dt 2 lc 1 title 'TCP c2s native', \
      'memory.dat' index 1 using 1:2 with linespoints lw 2 dt 1 lc 1 title 'TCP c2s Megaphone', \
      'memory.dat' index 2 using 1:2 with linespoints lw 2 dt 2 lc 2 title 'TLS c2s native', \
@@ -13,7 +13,9 @@ plot 'memory.dat' index 0 using 1:2 with linespoints lw 2 dt 2 lc 1 title 'TCP c
      'memory.dat' index 4 using 1:2 with linespoints lw 2 dt 2 lc 3 title 'WebSocket native', \
      'memory.dat' index 5 using 1:2 with linespoints lw 2 dt 1 lc 3 title 'WebSocket Megaphone', \
      'memory.dat' index 6 using 1:2 with linespoints lw 2 dt 2 lc 4 title 'BOSH native', \
-     'memory.dat' index 7 using 1:2 with linespoints lw 2 dt 1 lc 4 title 'BOSH Megaphone'
+     'memory.dat' index 7 using 1:2 with linespoints lw 2 dt 1 lc 4 title 'BOSH Megaphone', \
+     'memory.dat' index 8 using 1:2 with linespoints lw 2 dt 2 lc 5 title 'BOSH (edge) native', \
+     'memory.dat' index 9 using 1:2 with linespoints lw 2 dt 1 lc 5 title 'BOSH (edge) Megaphone'
 set output 'memory-split.png'
 set title 'Where an idle session''s memory goes, at the largest N'
 set xlabel ''
