@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -66,5 +67,21 @@ func TestSmoke(t *testing.T) {
 		if _, err := os.Stat(filepath.Join(dir, "memory.png")); err != nil {
 			t.Error(err)
 		}
+	}
+}
+
+// The nodes started ahead follow the order run measures the sides in:
+// Megaphone then native per transport and N, the chat's users on the
+// first N, and no node for the native side bosh-edge shares with bosh.
+func TestPlannedUsersFollowTheRun(t *testing.T) {
+	c := config{kinds: []transport{transportTCP, transportBOSH, transportBOSHEdge}, ns: []int{300, 5000}, pairs: 200}
+	want := []int{400, 400, 5000, 5000, 400, 400, 5000, 5000, 400, 5000}
+	if got := plannedUsers(c); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("planned users %v, want %v", got, want)
+	}
+	c.pairs = 0 // no chat: one user per session
+	want = []int{300, 300, 5000, 5000, 300, 300, 5000, 5000, 300, 5000}
+	if got := plannedUsers(c); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("without chat: planned users %v, want %v", got, want)
 	}
 }

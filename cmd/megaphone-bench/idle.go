@@ -33,7 +33,8 @@ type idleResult struct {
 // sidecar and the kernel's half of the loopback connection.
 func (r idleResult) total() float64 { return r.beamRSS + r.sidecarRSS + r.kernel }
 
-func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, kind transport, t loadgen.Target, n int) (idleResult, error) {
+// whileIdle runs once the sessions have logged in, as they start to idle.
+func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, kind transport, t loadgen.Target, n int, whileIdle func()) (idleResult, error) {
 	pid := 0
 	if sc != nil {
 		pid = sc.pid()
@@ -54,6 +55,7 @@ func idlePhase(ctx context.Context, c config, nd *node, sc *sidecar, kind transp
 		peak()
 		return idleResult{}, err
 	}
+	whileIdle()
 	time.Sleep(c.idle)
 	beamPeak := peak()
 	loaded, err := measure(ctx, nd.ej, pid)

@@ -35,7 +35,6 @@ import (
 	"time"
 
 	"github.com/megaphone-im/megaphone/cmd/megaphone-bench/loadgen"
-	"github.com/megaphone-im/megaphone/test/harness"
 )
 
 // config is the whole run's settings.
@@ -228,10 +227,12 @@ func run(ctx context.Context, c config) error {
 	var chats []chatResult
 	var failures []string
 	natives := nativeRuns{}
+	nodes := &nodeQueue{c: c, users: plannedUsers(c)}
+	defer nodes.close()
 	for _, kind := range c.kinds {
 		for i, n := range c.ns {
 			chat := i == 0 && c.pairs > 0
-			rs, cs, err := runCell(ctx, c, natives, kind, n, chat)
+			rs, cs, err := runCell(ctx, c, nodes, natives, kind, n, chat)
 			if err != nil {
 				// The other cells still run; the report names the failure.
 				failures = append(failures, fmt.Sprintf("%s, %d sessions: %v", kind, n, err))
@@ -281,7 +282,7 @@ type nativeRuns map[nativeKey]nativeSide
 // natively, each on a fresh node of the same configuration. Sharing one
 // node would skew beam RSS: the allocators keep the carriers the first
 // side's logins grew, and the second side grows into them unseen.
-func runCell(ctx context.Context, c config, natives nativeRuns, kind transport, n int, chat bool) ([]idleResult, []chatResult, error) {
+func runCell(ctx context.Context, c config, nodes *nodeQueue, natives nativeRuns, kind transport, n int, chat bool) ([]idleResult, []chatResult, error) {
 	var idle []idleResult
 	var chats []chatResult
 	key := nativeKey{kind.client(), n, chat}
@@ -292,7 +293,7 @@ func runCell(ctx context.Context, c config, natives nativeRuns, kind transport, 
 		if side, measured := natives[key]; !megaphone && measured {
 			r, cr = side.idle, side.chat
 			r.kind, cr.kind = kind, kind
-		} else if r, cr, err = runSide(ctx, c, kind, n, chat, megaphone); err != nil {
+		} else if r, cr, err = runSide(ctx, c, nodes, kind, n, chat, megaphone); err != nil {
 			return nil, nil, fmt.Errorf("%s: %w", pathName(megaphone), err)
 		} else if !megaphone {
 			natives[key] = nativeSide{r, cr}
@@ -306,13 +307,13 @@ func runCell(ctx context.Context, c config, natives nativeRuns, kind transport, 
 	return idle, chats, nil
 }
 
-func runSide(ctx context.Context, c config, kind transport, n int, chat, megaphone bool) (idleResult, chatResult, error) {
+func runSide(ctx context.Context, c config, nodes *nodeQueue, kind transport, n int, chat, megaphone bool) (idleResult, chatResult, error) {
 	r, cr := idleResult{kind: kind, megaphone: megaphone}, chatResult{kind: kind, megaphone: megaphone}
 	users := n
 	if chat && 2*c.pairs > users {
 		users = 2 * c.pairs
 	}
-	nd, err := startNode(ctx, c, users, harness.Options{BOSHInactivity: boshInactivity})
+	nd, err := nodes.take(ctx, users)
 	if err != nil {
 		return r, cr, err
 	}
@@ -326,7 +327,7 @@ func runSide(ctx context.Context, c config, kind transport, n int, chat, megapho
 		defer sc.stop()
 		target = sc.target
 	}
-	if r, err = idlePhase(ctx, c, nd, sc, kind, target, n); err != nil {
+	if r, err = idlePhase(ctx, c, nd, sc, kind, target, n, func() { nodes.startNext(ctx) }); err != nil {
 		return r, cr, err
 	}
 	r.kind, r.megaphone = kind, megaphone
@@ -336,6 +337,7 @@ func runSide(ctx context.Context, c config, kind transport, n int, chat, megapho
 		if err := settle(ctx, nd); err != nil {
 			return r, cr, err
 		}
+		nodes.waitNext()
 		pid := 0
 		if sc != nil {
 			pid = sc.pid()
