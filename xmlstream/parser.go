@@ -168,6 +168,12 @@ func (p *Parser) handle(tok xml.Token) (etf.Term, error) {
 			}
 			return nil, nil // whitespace keepalives
 		}
+		if len(t) == 0 {
+			// An empty CDATA section: no character data, and an empty
+			// xmlcdata child would not survive being written and read
+			// again (it writes as nothing).
+			return nil, nil
+		}
 		parent := p.stack[len(p.stack)-1]
 		(*parent)[3] = append((*parent)[3].(etf.List), etf.Tuple{etf.Atom("xmlcdata"), bytes.Clone(t)})
 	case xml.ProcInst:
