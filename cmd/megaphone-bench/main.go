@@ -309,11 +309,7 @@ func runCell(ctx context.Context, c config, nodes *nodeQueue, natives nativeRuns
 
 func runSide(ctx context.Context, c config, nodes *nodeQueue, kind transport, n int, chat, megaphone bool) (idleResult, chatResult, error) {
 	r, cr := idleResult{kind: kind, megaphone: megaphone}, chatResult{kind: kind, megaphone: megaphone}
-	users := n
-	if chat && 2*c.pairs > users {
-		users = 2 * c.pairs
-	}
-	nd, err := nodes.take(ctx, users)
+	nd, err := nodes.take(ctx, sideUsers(c, n, chat))
 	if err != nil {
 		return r, cr, err
 	}

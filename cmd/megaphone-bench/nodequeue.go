@@ -42,10 +42,7 @@ func plannedUsers(c config) []int {
 	for _, kind := range c.kinds {
 		for i, n := range c.ns {
 			chat := i == 0 && c.pairs > 0
-			u := n
-			if chat {
-				u = max(n, 2*c.pairs)
-			}
+			u := sideUsers(c, n, chat)
 			users = append(users, u) // the Megaphone side
 			if key := (nativeKey{kind.client(), n, chat}); !natives[key] {
 				natives[key] = true
@@ -54,6 +51,15 @@ func plannedUsers(c config) []int {
 		}
 	}
 	return users
+}
+
+// sideUsers is how many users a side's node needs: one per session, or
+// the chat's pairs if more.
+func sideUsers(c config, n int, chat bool) int {
+	if chat {
+		return max(n, 2*c.pairs)
+	}
+	return n
 }
 
 // take returns the node for a side that needs users: the one started
