@@ -117,9 +117,14 @@ write(Sidecar, Id, Msg) ->
 %% carries, so "busy" says the link is momentarily full (one client's burst
 %% can fill it), not that this client is slow: the sidecar reads the link
 %% without ever waiting on a client. So a busy send is retried with a short
-%% backoff for at most send_busy_timeout ms (default 1000), as gen_tcp's
-%% send would wait on a full socket, and only then fails and closes the
-%% stream. A sidecar that is really gone answers noconnect at once.
+%% backoff for at most send_busy_timeout ms, and only then fails and closes
+%% the stream, as gen_tcp's send waits on a full socket for ejabberd's
+%% send_timeout. The default is that option's own, 15 s, and not shorter:
+%% while other streams' bursts fill the link, every c2s that writes retries
+%% at once and a quiet stream's write may lose the race for seconds (a
+%% 200 MB flood into slow readers, TestFloodIntoSlowClientsStaysBounded,
+%% kept a bystander waiting past 1 s). A sidecar that is really gone
+%% answers noconnect at once.
 to_sidecar(Sidecar, Msg) ->
     case erlang:send(Sidecar, Msg, [noconnect, nosuspend]) of
         ok -> ok;
@@ -144,7 +149,7 @@ retry_busy(Sidecar, Msg, Backoff, Deadline) ->
 busy_deadline() ->
     Timeout = case application:get_env(megaphone, send_busy_timeout) of
                   {ok, T} when is_integer(T), T >= 0 -> T;
-                  _ -> 1000
+                  _ -> 15000
               end,
     erlang:monotonic_time(millisecond) + Timeout.
 

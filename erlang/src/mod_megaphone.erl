@@ -7,7 +7,7 @@
 %%     mod_megaphone:
 %%       gc_sweep_interval: 60
 %%       login_gc_interval: 1000
-%%       send_busy_timeout: 1000
+%%       send_busy_timeout: 15000
 %%       allowed_sidecars: ["megaphone*@localhost"]
 %%
 %% and `ejabberdctl reload_config' start it. ejabberd starts a module once
@@ -56,7 +56,7 @@ mod_opt_type(allowed_sidecars) -> econf:list(econf:binary()).
 mod_options(_Host) ->
     [{gc_sweep_interval, 60},
      {login_gc_interval, 1000},
-     {send_busy_timeout, 1000},
+     {send_busy_timeout, 15000},
      {allowed_sidecars, [<<"*">>]}].
 
 -spec mod_doc() -> map().
@@ -86,7 +86,8 @@ mod_doc() ->
             #{value => "non_neg_integer()",
               desc => <<"Milliseconds a c2s write may wait while the "
                         "distribution buffer towards the sidecar is full "
-                        "before the stream is closed. The default is 1000.">>}},
+                        "before the stream is closed. The default is 15000, "
+                        "as ejabberd's own send_timeout for a socket.">>}},
            {allowed_sidecars,
             #{value => "[Pattern]",
               desc => <<"The sidecar nodes whose hello is taken: node-name "
