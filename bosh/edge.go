@@ -61,7 +61,19 @@ type EdgeConfig struct {
 	// maxWait is the front's MaxWait: a session's wait is at most that
 	// (and 300 s), so --max-wait bounds a held request in both modes.
 	maxWait time.Duration
+	// parkAfter is how long a held request waits in net/http before it
+	// is parked (edgepark.go); 0 means defaultParkAfter.
+	parkAfter time.Duration
 }
+
+// defaultParkAfter: a held request whose answer comes this soon is
+// answered by net/http itself, as any request, and never parked. Parking
+// saves an idle session's goroutine and buffers, but costs a hijack, a
+// goroutine to write the answer and a new net/http connection to read
+// the next request on the same socket; a session in the middle of an
+// exchange (a login's round trips, a chat) gets its answer within
+// milliseconds, and only one that really waits should pay that.
+const defaultParkAfter = 100 * time.Millisecond
 
 // edgeFront is the table of the sessions served at the edge.
 type edgeFront struct {
@@ -81,6 +93,9 @@ func newEdgeFront(cfg EdgeConfig, log *zap.Logger) *edgeFront {
 	}
 	if cfg.MaxPause <= 0 {
 		cfg.MaxPause = 120 * time.Second
+	}
+	if cfg.parkAfter <= 0 {
+		cfg.parkAfter = defaultParkAfter
 	}
 	return &edgeFront{cfg: cfg, log: log, sessions: make(map[string]*edgeSession)}
 }

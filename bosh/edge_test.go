@@ -105,6 +105,12 @@ func serveEdge(t *testing.T, inactivity time.Duration) (string, *fakeStreams) {
 
 func serveEdgeWithLimits(t *testing.T, inactivity time.Duration, limits sockets.Limits) (string, *fakeStreams) {
 	t.Helper()
+	url, streams, _ := serveEdgeHandler(t, inactivity, limits)
+	return url, streams
+}
+
+func serveEdgeHandler(t *testing.T, inactivity time.Duration, limits sockets.Limits) (string, *fakeStreams, *Handler) {
+	t.Helper()
 	lis, err := sockets.Listen("127.0.0.1:0", sockets.NewRegistry(limits), zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
@@ -118,7 +124,7 @@ func serveEdgeWithLimits(t *testing.T, inactivity time.Duration, limits sockets.
 		srv.Close()
 		http.DefaultClient.CloseIdleConnections()
 	})
-	return "http://" + lis.Addr().String() + "/bosh", streams
+	return "http://" + lis.Addr().String() + "/bosh", streams, h
 }
 
 var sidRE = regexp.MustCompile(`sid='([0-9a-f]+)'`)
@@ -306,6 +312,38 @@ func TestEdgeParkedConnectionKeepsPipelinedRequest(t *testing.T) {
 	}
 	if got, _ := streams.last().received(); !slices.Contains(got, "message:piped") {
 		t.Fatalf("c2s got %v, not the pipelined message", got)
+	}
+}
+
+// A held request answered within parkAfter is answered by net/http, as
+// any request: the creation (c2s's features come at once) and a poll a
+// stanza answers at once are never parked. A poll that waits longer (here
+// until its session's wait of 2 s runs out) is.
+func TestEdgeAnswerSoonIsNotParked(t *testing.T) {
+	url, streams, h := serveEdgeHandler(t, time.Minute, sockets.Limits{MaxBodyBytes: 4096})
+	parkedAny := func() bool {
+		h.edge.parking.mu.Lock()
+		defer h.edge.parking.mu.Unlock()
+		return h.edge.parking.server != nil
+	}
+	sid := edgeCreate(t, url)
+	c2s := streams.last()
+	polled := make(chan string, 1)
+	go func() { _, b := post(t, url, edgeBody(sid, 101, "", "")); polled <- b }()
+	time.Sleep(h.edge.cfg.parkAfter / 4)
+	c2s.sink.Write(etf.Tuple{etf.Atom("xmlstreamelement"),
+		etf.Tuple{etf.Atom("xmlel"), []byte("message"), etf.List{etf.Tuple{[]byte("id"), []byte("soon")}}, etf.List{}}})
+	if b := <-polled; !strings.Contains(b, "soon") {
+		t.Fatalf("poll got %q", b)
+	}
+	if parkedAny() {
+		t.Fatal("a request answered within parkAfter was parked")
+	}
+	if _, b := post(t, url, edgeBody(sid, 102, "", "")); b != emptyBody {
+		t.Fatalf("a poll that ran out its wait got %q", b)
+	}
+	if !parkedAny() {
+		t.Fatal("a poll held for its whole wait was not parked")
 	}
 }
 

@@ -355,6 +355,26 @@ func (s *edgeSession) answer(w *edgeWaiter, body []byte, terminate bool) {
 	}
 }
 
+// answerWithin waits up to d for w's answer, while its client stays. It
+// takes nothing else: a request not answered by then is parked or
+// awaited as before, and its answer stays in ch for that.
+func (w *edgeWaiter) answerWithin(ctx context.Context, d time.Duration) ([]byte, bool) {
+	select {
+	case body := <-w.ch:
+		return body, true
+	default:
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case body := <-w.ch:
+		return body, true
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	return nil, false
+}
+
 // await waits for w's answer, or for its client to hang up.
 func (s *edgeSession) await(ctx context.Context, w *edgeWaiter) edgeAnswer {
 	select {

@@ -283,10 +283,15 @@ func (h *Handler) serveEdge(w http.ResponseWriter, r *http.Request, conn *socket
 				hd.Set("Connection", "close")
 			}
 		}
-		if h.edge.park(w, r, ans.session, ans.waiter, closeConn) {
+		body, answered := ans.waiter.answerWithin(ctx, h.edge.cfg.parkAfter)
+		switch {
+		case answered:
+			ans = okAnswer(body)
+		case ctx.Err() == nil && h.edge.park(w, r, ans.session, ans.waiter, closeConn):
 			return
+		default:
+			ans = ans.session.await(ctx, ans.waiter)
 		}
-		ans = ans.session.await(ctx, ans.waiter)
 	}
 	switch {
 	case ans.status == 0:
