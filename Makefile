@@ -87,7 +87,7 @@ run: deps build
 # memory at each of BENCH_N (comma-separated, each at most 19000: the
 # open-files limit), 1:1 chat throughput and latency with BENCH_PAIRS pairs
 # on every transport. The report goes to stdout and bench.out.md, the plots
-# to bench/*.png. About 17 minutes at the defaults (2-core box); e.g.
+# to bench/*.png. About 11-12 minutes at the defaults (2-core box); e.g.
 # BENCH_N=1000,5000,19000 for the heavier run, BENCH_FLAGS='-transports
 # bosh,bosh-edge' for BOSH alone.
 BENCH_N     ?= 1000,5000
