@@ -17,8 +17,9 @@ import (
 // An idle BOSH session is one request held for up to `wait` seconds. Held
 // by net/http, it costs its connection's goroutine (its stack, ~11 KiB
 // measured) and its bufio reader and writers (~10 KiB), for nothing: the
-// session only waits for c2s. So an edge session's held request is taken
-// from net/http (Hijack) and parked: the session keeps only the socket.
+// session only waits for c2s. So an edge session's held request that has
+// had no answer for defaultParkAfter (edge.go) is taken from net/http
+// (Hijack) and parked: the session keeps only the socket.
 // When the answer comes, it is written on the socket from a short-lived
 // goroutine, and the connection is handed back to an HTTP server of our
 // own (same settings and handler as the one it came from), which reads
