@@ -49,9 +49,13 @@ func main() {
 	}
 	defer log.Sync()
 	gogc, from := applyGCPercent(opts.gcPercent, os.LookupEnv)
-	log.Info("garbage collector", zap.String("gogc", gogc), zap.String("from", from))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if from == "gc-percent" && opts.gcPercent >= 0 && opts.gcPercentBusy > opts.gcPercent {
+		go newGCGoal(opts.gcPercent, opts.gcPercentBusy, log).run(ctx)
+		gogc += "; " + strconv.Itoa(opts.gcPercentBusy) + " while busy"
+	}
+	log.Info("garbage collector", zap.String("gogc", gogc), zap.String("from", from))
 	if err := run(ctx, opts, log, level); err != nil {
 		log.Error("megaphone stopped", zap.Error(err))
 		os.Exit(1)

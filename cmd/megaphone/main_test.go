@@ -2,9 +2,11 @@ package main
 
 import (
 	"runtime/debug"
+	"slices"
 	"testing"
 
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
 )
 
 // TestMain fails the package's tests if any goroutine outlives them.
@@ -27,5 +29,25 @@ func TestGCPercent(t *testing.T) {
 	}
 	if was := debug.SetGCPercent(100); was != 100 {
 		t.Fatalf("collector's goal %d changed under GOGC", was)
+	}
+}
+
+// The goal goes to busy at the first second over the rate, stays there
+// through fewer than quietFor quiet seconds, and goes back to idle, with
+// the heap released, after quietFor of them.
+func TestGCGoalFollowsTheLoad(t *testing.T) {
+	var set []int
+	released := 0
+	g := &gcGoal{idle: 50, busy: 400, busyRate: 1000, quietFor: 3,
+		setPercent: func(p int) int { set = append(set, p); return 0 },
+		release:    func() { released++ }, log: zap.NewNop()}
+	for _, allocated := range []uint64{0, 10, 5000, 5000, 0, 0, 9000, 0, 0, 0, 0, 0} {
+		g.observe(allocated)
+	}
+	if want := []int{400, 50}; !slices.Equal(set, want) || released != 1 {
+		t.Fatalf("goals set %v (want %v), heap released %d times (want 1)", set, want, released)
+	}
+	if g.busyNow {
+		t.Fatal("still busy after the quiet seconds")
 	}
 }
