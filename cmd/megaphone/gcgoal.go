@@ -21,8 +21,11 @@ import (
 // 147 at 400, and its paced p99 fell from ~5 to ~2.5-3 ms (BENCH.md,
 // "The collector's goal under traffic"). When the traffic stops, the
 // goal goes back down, and one forced collection gives the heap the busy
-// goal let grow back to the system, so an idle sidecar holds what it
-// held before.
+// goal let grow back to the system. What it cannot give back: sessions
+// that logged in while the goal was high keep their objects spread over
+// more pages (+1.4 KiB a TCP session, +3.6 a BOSH one at 5,000 in one
+// run). So it is off by default (--gc-percent-busy 0): memory per idle
+// session is what this sidecar is for; CPU-bound ones turn it on.
 type gcGoal struct {
 	idle, busy int
 	// busyRate is the allocation rate (bytes a second) from which the
