@@ -161,7 +161,13 @@ func TestParkedStreamIsKicked(t *testing.T) {
 		t.Errorf("kicked client got %q", rest)
 	}
 	waitOpen(t, reg, 0)
-	if st := backend.stream(c.ID); st.closed.Load() != 1 {
+	// The close that leaves the registry is the writer's; c2s is told by
+	// the reader the kick woke, which may come a moment later.
+	st := backend.stream(c.ID)
+	for deadline := time.Now().Add(5 * time.Second); st.closed.Load() == 0 && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if st.closed.Load() != 1 {
 		t.Errorf("c2s closed %d times, want 1", st.closed.Load())
 	}
 	if inPoller(c) {
