@@ -16,7 +16,7 @@ import (
 // live heap, while what GOGC costs in memory is a share of the live heap.
 // An idle sidecar allocates almost nothing and its memory per connection
 // is the figure that counts, so it runs at 50. Under traffic the same 50
-// made collection the largest cost of a BOSH request at the edge: the
+// made collection about a third of a BOSH request's cost at the edge: the
 // edge path's sidecar spent 210-260 µs of CPU a chat message at 50 and
 // 147 at 400, and its paced p99 fell from ~5 to ~2.5-3 ms (BENCH.md,
 // "The collector's goal under traffic"). When the traffic stops, the
@@ -42,9 +42,9 @@ type gcGoal struct {
 	log        *zap.Logger
 }
 
-// gcBusyRate: measured in make bench's runs, an idle sidecar with
-// hundreds of sessions allocated 0-0.3 MiB a second, logins 5-15 MiB a
-// second, and a 1:1 chat of 200 pairs 25-160 MiB a second.
+// gcBusyRate: measured in make bench's runs (400 sessions), an idle
+// sidecar allocated 0-0.3 MiB a second, logins 15-35, and a 1:1 chat of
+// 200 pairs 5 (paced, TCP) to 160 (saturated, BOSH at the edge).
 const (
 	gcBusyRate = 2 << 20
 	gcQuietFor = 3
