@@ -359,11 +359,6 @@ func (s *edgeSession) answer(w *edgeWaiter, body []byte, terminate bool) {
 // takes nothing else: a request not answered by then is parked or
 // awaited as before, and its answer stays in ch for that.
 func (w *edgeWaiter) answerWithin(ctx context.Context, d time.Duration) ([]byte, bool) {
-	select {
-	case body := <-w.ch:
-		return body, true
-	default:
-	}
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {

@@ -283,10 +283,10 @@ func (h *Handler) serveEdge(w http.ResponseWriter, r *http.Request, conn *socket
 				hd.Set("Connection", "close")
 			}
 		}
-		body, answered := ans.waiter.answerWithin(ctx, h.edge.cfg.parkAfter)
+		answer, answered := ans.waiter.answerWithin(ctx, h.edge.cfg.parkAfter)
 		switch {
 		case answered:
-			ans = okAnswer(body)
+			ans = okAnswer(answer)
 		case ctx.Err() == nil && h.edge.park(w, r, ans.session, ans.waiter, closeConn):
 			return
 		default:
