@@ -2,7 +2,9 @@ package sockets
 
 import (
 	"errors"
+	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -27,8 +29,17 @@ import (
 // last reference to the socket goes, and a socket handed to another
 // process (hot upgrade) lives on. Events carry a token, never the
 // descriptor's number, so an event for a socket that left is ignored.
+//
+// The poller waits in the Go runtime's own netpoller, not in a blocking
+// epoll_wait: an epoll descriptor is itself pollable (readable while it
+// has events), so ours sits in the runtime's set like a socket, and the
+// poller's goroutine parks like any reader. A goroutine blocked in a
+// system call holds an OS thread, and sysmon must keep waking to hand its
+// processor on; on this project's VM that was a sixth of the sidecar's CPU
+// in a chat (BENCH.md, "The idle poller waits in the runtime").
 type poller struct {
 	epfd int
+	file *os.File // owns epfd and holds it in the runtime's netpoller
 
 	mu        sync.Mutex
 	sockets   map[uint64]*pollingConn // registered sockets by token
@@ -49,8 +60,22 @@ func idlePoller() (*poller, error) {
 			pollerErr = err
 			return
 		}
-		sharedPoller = &poller{epfd: epfd, sockets: make(map[uint64]*pollingConn)}
-		go sharedPoller.run()
+		// Non-blocking before os.NewFile, which then registers it with
+		// the runtime's netpoller instead of treating it as a plain file.
+		if err := unix.SetNonblock(epfd, true); err != nil {
+			_ = unix.Close(epfd)
+			pollerErr = err
+			return
+		}
+		file := os.NewFile(uintptr(epfd), "idle-poller")
+		raw, err := file.SyscallConn()
+		if err != nil {
+			_ = file.Close()
+			pollerErr = err
+			return
+		}
+		sharedPoller = &poller{epfd: epfd, file: file, sockets: make(map[uint64]*pollingConn)}
+		go sharedPoller.run(raw)
 	})
 	return sharedPoller, pollerErr
 }
@@ -60,15 +85,28 @@ func idlePoller() (*poller, error) {
 const armFlags = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT
 
 // run hands each ready socket to a fresh reader, for the life of the
-// process. It blocks one OS thread in epoll_wait, not one per stream.
-func (p *poller) run() {
+// process. One goroutine for every parked stream; while nothing is ready
+// it is parked in the runtime's netpoller, holding no thread.
+func (p *poller) run(raw syscall.RawConn) {
 	events := make([]unix.EpollEvent, 256)
 	for {
-		n, err := unix.EpollWait(p.epfd, events, -1)
+		var n int
+		var werr error
+		// Read calls the function until it reports done, parking the
+		// goroutine in between until the runtime sees our epoll
+		// descriptor readable. A timeout of 0 never blocks the thread.
+		err := raw.Read(func(fd uintptr) bool {
+			n, werr = unix.EpollWait(int(fd), events, 0)
+			return n > 0 || werr != nil
+		})
+		if err == nil && errors.Is(werr, unix.EINTR) {
+			continue // look again at once: parking now could miss an event
+		}
+		if err == nil {
+			err = werr
+		}
 		if err != nil {
-			if !errors.Is(err, unix.EINTR) {
-				time.Sleep(10 * time.Millisecond) // cannot happen on a valid epoll fd; do not spin if it does
-			}
+			time.Sleep(10 * time.Millisecond) // cannot happen on a valid epoll fd; do not spin if it does
 			continue
 		}
 		for _, ev := range events[:n] {
