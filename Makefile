@@ -143,7 +143,7 @@ bench-scale: deps build
 # no deadline. 50000 executions take 2-10 s a target here. `make fuzz`
 # keeps a duration, as long runs want; if one ends in that bare message,
 # rerun it or pass FUZZTIME=500000x.
-FUZZ_TARGETS := etf:FuzzDecode etf:FuzzShimMessage bosh:FuzzCheckBody bosh:FuzzHandler \
+FUZZ_TARGETS := etf:FuzzDecode etf:FuzzShimMessage bosh:FuzzCheckBody bosh:FuzzEdgeRequestNoLaxerThanCheckBody bosh:FuzzHandler \
 	xmlstream:FuzzParser xmlstream:FuzzFramer xmlstream:FuzzWebSocketFraming xmlstream:FuzzWriterHostileTerms \
 	sockets:FuzzC2SNegotiation node:FuzzLinkDispatch
 FUZZTIME ?= 2m

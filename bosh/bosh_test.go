@@ -22,32 +22,37 @@ import (
 
 const okBody = `<body rid='1' xmlns='http://jabber.org/protocol/httpbind' to='localhost' wait='60' hold='1'/>`
 
+// goodBodies and badBodies are what every check of a request body must
+// accept and refuse: checkBody (relay mode) and parseEdgeRequest (edge
+// mode, which parses the body once and checks it as it goes).
+var goodBodies = []string{
+	okBody,
+	`<?xml version='1.0'?><body xmlns='http://jabber.org/protocol/httpbind' sid='x' rid='2'><message xmlns='jabber:client' to='b@x'><body>&lt;&amp;&gt; ünï</body></message></body>`,
+}
+
+var badBodies = map[string]string{
+	"empty":           "",
+	"not xml":         "hello",
+	"wrong root":      `<html xmlns='http://jabber.org/protocol/httpbind'/>`,
+	"wrong ns":        `<body xmlns='jabber:client'/>`,
+	"no ns":           `<body/>`,
+	"unclosed":        `<body xmlns='http://jabber.org/protocol/httpbind'><message>`,
+	"two roots":       okBody + okBody,
+	"entity bomb":     `<!DOCTYPE b [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;">]><body xmlns='http://jabber.org/protocol/httpbind'>&b;</body>`,
+	"unknown entity":  `<body xmlns='http://jabber.org/protocol/httpbind'>&nbsp;</body>`,
+	"proc inst":       `<?php x ?><body xmlns='http://jabber.org/protocol/httpbind'/>`,
+	"trailing text":   okBody + "junk",
+	"too deep":        `<body xmlns='http://jabber.org/protocol/httpbind'>` + strings.Repeat("<a>", 100) + strings.Repeat("</a>", 100) + `</body>`,
+	"mismatched tags": `<body xmlns='http://jabber.org/protocol/httpbind'><a></b></body>`,
+}
+
 func TestCheckBody(t *testing.T) {
-	good := []string{
-		okBody,
-		`<?xml version='1.0'?><body xmlns='http://jabber.org/protocol/httpbind' sid='x' rid='2'><message xmlns='jabber:client' to='b@x'><body>&lt;&amp;&gt; ünï</body></message></body>`,
-	}
-	for _, b := range good {
+	for _, b := range goodBodies {
 		if _, err := checkBody([]byte(b)); err != nil {
 			t.Errorf("refused %q: %v", b, err)
 		}
 	}
-	bad := map[string]string{
-		"empty":           "",
-		"not xml":         "hello",
-		"wrong root":      `<html xmlns='http://jabber.org/protocol/httpbind'/>`,
-		"wrong ns":        `<body xmlns='jabber:client'/>`,
-		"no ns":           `<body/>`,
-		"unclosed":        `<body xmlns='http://jabber.org/protocol/httpbind'><message>`,
-		"two roots":       okBody + okBody,
-		"entity bomb":     `<!DOCTYPE b [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;">]><body xmlns='http://jabber.org/protocol/httpbind'>&b;</body>`,
-		"unknown entity":  `<body xmlns='http://jabber.org/protocol/httpbind'>&nbsp;</body>`,
-		"proc inst":       `<?php x ?><body xmlns='http://jabber.org/protocol/httpbind'/>`,
-		"trailing text":   okBody + "junk",
-		"too deep":        `<body xmlns='http://jabber.org/protocol/httpbind'>` + strings.Repeat("<a>", 100) + strings.Repeat("</a>", 100) + `</body>`,
-		"mismatched tags": `<body xmlns='http://jabber.org/protocol/httpbind'><a></b></body>`,
-	}
-	for name, b := range bad {
+	for name, b := range badBodies {
 		if _, err := checkBody([]byte(b)); err == nil {
 			t.Errorf("%s: accepted %q", name, b)
 		}

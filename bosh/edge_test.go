@@ -385,3 +385,46 @@ func TestEdgeUnfilledGapEndsByInactivity(t *testing.T) {
 		t.Fatalf("c2s got %v (closed %v): want it closed, without the request past the gap", got, closed)
 	}
 }
+
+// parseEdgeRequest is the only check an edge request's body gets: it must
+// refuse all that checkBody refuses.
+func TestParseEdgeRequestChecksTheBody(t *testing.T) {
+	for _, b := range goodBodies {
+		if _, err := parseEdgeRequest([]byte(b)); err != nil {
+			t.Errorf("refused %q: %v", b, err)
+		}
+	}
+	for name, b := range badBodies {
+		if _, err := parseEdgeRequest([]byte(b)); err == nil {
+			t.Errorf("%s: accepted %q", name, b)
+		}
+	}
+	for name, b := range map[string]string{
+		"prefixed root": `<b:body xmlns:b='` + NS + `' rid='1'/>`,
+		"comment":       `<body xmlns='` + NS + `' rid='1'><!-- x --></body>`,
+	} {
+		if _, err := parseEdgeRequest([]byte(b)); err == nil {
+			t.Errorf("%s: accepted %q", name, b)
+		}
+	}
+}
+
+// FuzzEdgeRequestNoLaxerThanCheckBody: whatever body the edge path
+// accepts, checkBody accepts too, so that serving BOSH at the edge never
+// lets through what relay mode refuses.
+func FuzzEdgeRequestNoLaxerThanCheckBody(f *testing.F) {
+	for _, b := range goodBodies {
+		f.Add([]byte(b))
+	}
+	for _, b := range badBodies {
+		f.Add([]byte(b))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if _, err := parseEdgeRequest(b); err != nil {
+			return
+		}
+		if _, err := checkBody(b); err != nil {
+			t.Fatalf("the edge accepted what checkBody refuses (%v): %q", err, b)
+		}
+	})
+}

@@ -201,22 +201,20 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 		h.refuse(w, http.StatusBadRequest, "could not read the request body")
 		return
 	}
-	info, err := checkBody(body)
-	if err != nil {
-		h.refuse(w, http.StatusBadRequest, err.Error())
-		return
-	}
-	if info.SID == "" && h.draining.Load() {
-		h.refused.Add(1)
-		h.terminate(w, "system-shutdown")
-		return
-	}
 	peer := conn.Peer
 	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
 		peer = ap
 	}
 	if h.edge != nil {
-		h.serveEdge(w, r, conn, peer, body, info)
+		h.serveEdge(w, r, conn, peer, body)
+		return
+	}
+	info, err := checkBody(body)
+	if err != nil {
+		h.refuse(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if h.refuseNewWhileDraining(w, info.SID) {
 		return
 	}
 	if perSec := conn.Limits().MaxBOSHRequestsPerSec; perSec > 0 && info.SID != "" {
@@ -268,15 +266,35 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// refuseNewWhileDraining answers a request for a new session (no sid)
+// with a system-shutdown terminate while the sidecar drains, and says so.
+func (h *Handler) refuseNewWhileDraining(w http.ResponseWriter, sid string) bool {
+	if sid != "" || !h.draining.Load() {
+		return false
+	}
+	h.refused.Add(1)
+	h.terminate(w, "system-shutdown")
+	return true
+}
+
 // serveEdge answers a request of a session served at the edge (edge.go).
-func (h *Handler) serveEdge(w http.ResponseWriter, r *http.Request, conn *sockets.Conn, peer netip.AddrPort, body []byte, info bodyInfo) {
-	if info.SID != "" {
-		conn.SetSession(info.SID)
+// Its body is parsed once, by parseEdgeRequest, which also checks it.
+func (h *Handler) serveEdge(w http.ResponseWriter, r *http.Request, conn *sockets.Conn, peer netip.AddrPort, body []byte) {
+	req, err := parseEdgeRequest(body)
+	if err != nil {
+		h.refuse(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if h.refuseNewWhileDraining(w, req.sid) {
+		return
+	}
+	if req.sid != "" {
+		conn.SetSession(req.sid)
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), h.cfg.MaxWait)
 	defer cancel()
 	h.forwarded.Add(1)
-	ans := h.edge.serve(ctx, conn, peer, body, conn.Limits().MaxBOSHRequestsPerSec)
+	ans := h.edge.serve(ctx, conn, peer, req, conn.Limits().MaxBOSHRequestsPerSec)
 	if ans.waiter != nil {
 		closeConn := func(hd http.Header) {
 			if h.closeConns.Load() {
