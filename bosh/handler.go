@@ -210,11 +210,7 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	info, err := checkBody(body)
-	if err != nil {
-		h.refuse(w, http.StatusBadRequest, err.Error())
-		return
-	}
-	if h.refuseNewWhileDraining(w, info.SID) {
+	if h.turnedAway(w, err, info.SID) {
 		return
 	}
 	if perSec := conn.Limits().MaxBOSHRequestsPerSec; perSec > 0 && info.SID != "" {
@@ -266,14 +262,19 @@ func (h *Handler) post(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// refuseNewWhileDraining answers a request for a new session (no sid)
-// with a system-shutdown terminate while the sidecar drains, and says so.
-func (h *Handler) refuseNewWhileDraining(w http.ResponseWriter, sid string) bool {
-	if sid != "" || !h.draining.Load() {
+// turnedAway answers, and reports, a request that goes no further: its
+// body failed the check (badBody: 400), or it asks for a new session (no
+// sid) while the sidecar drains (a system-shutdown terminate).
+func (h *Handler) turnedAway(w http.ResponseWriter, badBody error, sid string) bool {
+	switch {
+	case badBody != nil:
+		h.refuse(w, http.StatusBadRequest, badBody.Error())
+	case sid == "" && h.draining.Load():
+		h.refused.Add(1)
+		h.terminate(w, "system-shutdown")
+	default:
 		return false
 	}
-	h.refused.Add(1)
-	h.terminate(w, "system-shutdown")
 	return true
 }
 
@@ -281,11 +282,7 @@ func (h *Handler) refuseNewWhileDraining(w http.ResponseWriter, sid string) bool
 // Its body is parsed once, by parseEdgeRequest, which also checks it.
 func (h *Handler) serveEdge(w http.ResponseWriter, r *http.Request, conn *sockets.Conn, peer netip.AddrPort, body []byte) {
 	req, err := parseEdgeRequest(body)
-	if err != nil {
-		h.refuse(w, http.StatusBadRequest, err.Error())
-		return
-	}
-	if h.refuseNewWhileDraining(w, req.sid) {
+	if h.turnedAway(w, err, req.sid) {
 		return
 	}
 	if req.sid != "" {
