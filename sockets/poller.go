@@ -86,8 +86,8 @@ func idlePoller() (*poller, error) {
 const armFlags = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT
 
 // run hands each ready socket to a fresh reader, for the life of the
-// process. One goroutine for every parked stream; while nothing is ready
-// it is parked in the runtime's netpoller, holding no thread.
+// process. One goroutine serves all parked streams; while nothing is
+// ready it is parked in the runtime's netpoller, holding no thread.
 func (p *poller) run(raw syscall.RawConn) {
 	events := make([]unix.EpollEvent, 256)
 	for {
