@@ -133,8 +133,6 @@ type edgeRequest struct {
 	size        int
 }
 
-var errEdgeBody = errors.New("bad BOSH request")
-
 // parseEdgeRequest checks and reads a request body in one pass. It is the
 // only parse an edge request gets: it refuses all that checkBody refuses
 // (one element, the BOSH <body/> in its namespace, no DTD, processing
@@ -148,14 +146,14 @@ func parseEdgeRequest(body []byte) (edgeRequest, error) {
 	req := edgeRequest{wait: -1, hold: -1, size: len(body)}
 	el, err := xmlstream.ParseElement(body, xmlstream.Limits{MaxStanzaBytes: int64(len(body)) + 1, MaxDepth: maxDepth})
 	if err != nil {
-		return req, fmt.Errorf("%w: %v", errEdgeBody, err)
+		return req, fmt.Errorf("%w: %v", errBadBody, err)
 	}
 	if xmlstream.Name(el) != "body" || xmlstream.Attr(el, "xmlns") != NS {
-		return req, fmt.Errorf("%w: root is not <body xmlns='%s'/>", errEdgeBody, NS)
+		return req, fmt.Errorf("%w: root is not <body xmlns='%s'/>", errBadBody, NS)
 	}
 	rid, err := strconv.ParseUint(xmlstream.Attr(el, "rid"), 10, 64)
 	if err != nil {
-		return req, fmt.Errorf("%w: missing or invalid rid", errEdgeBody)
+		return req, fmt.Errorf("%w: missing or invalid rid", errBadBody)
 	}
 	req.rid = rid
 	req.sid = xmlstream.Attr(el, "sid")
@@ -176,7 +174,7 @@ func parseEdgeRequest(body []byte) (edgeRequest, error) {
 		if v := xmlstream.Attr(el, a.name); v != "" {
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 0 {
-				return req, fmt.Errorf("%w: invalid %s", errEdgeBody, a.name)
+				return req, fmt.Errorf("%w: invalid %s", errBadBody, a.name)
 			}
 			*a.to = n
 		}

@@ -100,11 +100,11 @@ func (p *poller) run(raw syscall.RawConn) {
 			n, werr = unix.EpollWait(int(fd), events, 0)
 			return n > 0 || werr != nil
 		})
-		if err == nil && errors.Is(werr, unix.EINTR) {
-			continue // look again at once: parking now could miss an event
-		}
 		if err == nil {
 			err = werr
+		}
+		if errors.Is(err, unix.EINTR) {
+			continue // look again at once: parking now could miss an event
 		}
 		if err != nil {
 			time.Sleep(10 * time.Millisecond) // cannot happen on a valid epoll fd; do not spin if it does

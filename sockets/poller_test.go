@@ -164,9 +164,7 @@ func TestParkedStreamIsKicked(t *testing.T) {
 	// The close that leaves the registry is the writer's; c2s is told by
 	// the reader the kick woke, which may come a moment later.
 	st := backend.stream(c.ID)
-	for deadline := time.Now().Add(5 * time.Second); st.closed.Load() == 0 && time.Now().Before(deadline); {
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitFor(t, "c2s told of the close", func() bool { return st.closed.Load() != 0 })
 	if st.closed.Load() != 1 {
 		t.Errorf("c2s closed %d times, want 1", st.closed.Load())
 	}
